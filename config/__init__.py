@@ -1,0 +1,1 @@
+"""moord.config: the daemon's TOML configuration."""
