@@ -18,7 +18,14 @@ from typing import Any, Sequence
 import zmq
 
 from moord.messages import envelope as codec
-from moord.messages.errors import DeadlineExceeded, Internal, MoordError, Unavailable, error_from_wire
+from moord.messages.errors import (
+    DeadlineExceeded,
+    Internal,
+    MoordError,
+    Unavailable,
+    Unimplemented,
+    error_from_wire,
+)
 from moord.messages.routes import process_for
 
 DEFAULT_TIMEOUT = 10.0
@@ -78,7 +85,12 @@ class Client:
         """Like `call`, also returning the reply's extra (bulk) frames."""
         wait = self.timeout if timeout is None else timeout
         deadline = time.time() + wait
-        path = address or endpoint_path(self.ipc_dir, process_for(kind))
+        if address is None:
+            try:
+                address = endpoint_path(self.ipc_dir, process_for(kind))
+            except KeyError:
+                raise Unimplemented(f"unknown request kind {kind!r}") from None
+        path = address
         if not os.path.exists(path):
             raise Unavailable(f"{kind}: nothing listens at {path} (is moord running?)")
         request_id = self._prefix + str(next(_ids))
@@ -103,7 +115,11 @@ class Client:
                 reply = codec.unpack(parts[0].bytes)
             except MoordError:
                 raise Internal(f"{kind}: malformed reply from {path}") from None
-            if not isinstance(reply, dict) or reply.get("id") != request_id:
+            if not isinstance(reply, dict):
+                continue
+            if reply.get("id") != request_id:
+                if reply.get("id") == "" and reply.get("kind") == codec.ERROR:
+                    raise error_from_wire(reply.get("payload"))  # the server could not read our request
                 continue  # a late reply to an earlier, timed-out request
             if reply.get("kind") == codec.ERROR:
                 raise error_from_wire(reply.get("payload"))

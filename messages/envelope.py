@@ -39,7 +39,7 @@ def pack(obj: Any) -> bytes:
 def unpack(data: bytes) -> Any:
     """Deserialise one msgpack value; malformed input raises InvalidArgument."""
     try:
-        return msgpack.unpackb(data, raw=False, strict_map_key=True, max_buffer_size=MAX_MESSAGE_BYTES)
+        return msgpack.unpackb(data, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises several unrelated types
         raise InvalidArgument(f"malformed msgpack frame: {exc}") from None
 

@@ -39,6 +39,8 @@ class ProcessContext:
     client: Client
     events: EventPublisher
     actors: list[pykka.ActorRef] = field(default_factory=list)
+    # Non-actor parts a subsystem keeps alive for the process's lifetime (sockets, threads).
+    resources: list[Any] = field(default_factory=list)
 
     def serve(self, actor_class: type[ServiceActor], *args: Any, **kwargs: Any) -> pykka.ActorRef:
         """Start an actor and route the kinds it handles to it through the bridge."""
