@@ -41,10 +41,10 @@ def read_toml(path: str) -> dict[str, Any]:
         raise
 
 
-def client_ipc_dir(explicit_config: str | None = None) -> str:
-    """Where a client finds the daemon's endpoints, read cheaply from the config file."""
+def client_paths(explicit_config: str | None = None) -> tuple[str, str]:
+    """(state dir, ipc dir) a client uses, read cheaply from the config file."""
     raw = read_toml(config_path(explicit_config))
-    zmq_section = raw.get("zmq") if isinstance(raw.get("zmq"), dict) else {}
     state = raw.get("state") if isinstance(raw.get("state"), str) else DEFAULT_STATE
-    ipc = zmq_section.get("ipc_dir", "") if isinstance(zmq_section.get("ipc_dir", ""), str) else ""
-    return ipc_dir_for(state, ipc)
+    zmq_section = raw.get("zmq") if isinstance(raw.get("zmq"), dict) else {}
+    ipc = zmq_section.get("ipc_dir", "")
+    return state, ipc_dir_for(state, ipc if isinstance(ipc, str) else "")

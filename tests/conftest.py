@@ -1,0 +1,74 @@
+"""Shared fixtures: a real moord per module, the busybox image, and a leak check."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+from typing import Iterator
+
+import pytest
+
+from tests.daemon import TEST_PREFIX, Daemon, cleanup_base, new_daemon
+
+
+@pytest.fixture(scope="session")
+def busybox_layout() -> Iterator[str]:
+    """An OCI layout of busybox, built by moord's own code from Debian's busybox-static."""
+    from moord.oci.busybox import build_busybox_layout
+
+    base = tempfile.mkdtemp(prefix="moord-img-", dir="/tmp")
+    path = os.path.join(base, "busybox")
+    build_busybox_layout(path, ref="docker.io/library/busybox:latest")
+    yield path
+    subprocess.run(["rm", "-rf", base], check=False)
+
+
+def _start(extra: str = "") -> Daemon:
+    daemon = new_daemon(extra)
+    try:
+        daemon.start()
+    except BaseException:
+        daemon.stop()
+        cleanup_base(daemon.base)
+        raise
+    return daemon
+
+
+@pytest.fixture(scope="module")
+def daemon() -> Iterator[Daemon]:
+    """A moord shared by one test module."""
+    d = _start()
+    try:
+        yield d
+    finally:
+        d.stop()
+        cleanup_base(d.base)
+
+
+@pytest.fixture
+def fresh_daemon() -> Iterator[Daemon]:
+    """A moord of its own, for tests that kill or break things."""
+    d = _start()
+    try:
+        yield d
+    finally:
+        d.stop()
+        cleanup_base(d.base)
+
+
+@pytest.fixture(scope="module")
+def imported(daemon: Daemon, busybox_layout: str) -> Daemon:
+    """The module's daemon with busybox imported and unpacked."""
+    result = daemon.moorctl("images", "import", busybox_layout)
+    assert result.returncode == 0, result.stderr
+    return daemon
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_leftovers() -> Iterator[None]:
+    """After the whole session: nothing of ours is mounted or running."""
+    yield
+    with open("/proc/self/mountinfo") as fh:
+        mounts = [line.split()[4] for line in fh if f"/{TEST_PREFIX}" in line.split()[4]]
+    assert not mounts, f"tests left mounts behind: {mounts[:5]}"
