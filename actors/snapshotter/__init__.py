@@ -1,1 +1,19 @@
-"""moord.actors.snapshotter."""
+"""moord.actors.snapshotter: the overlayfs and native snapshotters behind snapshots.*.
+
+`start(proc)` serves one SnapshotterActor for both, rooted at `<config.root>`:
+`io.containerd.snapshotter.v1.overlayfs/` and `io.containerd.snapshotter.v1.native/`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from moord.supervisor.process import ProcessContext
+
+
+def start(proc: "ProcessContext") -> None:
+    """Start the snapshotter actor in this process and route snapshots.* to it."""
+    from moord.actors.snapshotter.actor import SnapshotterActor
+
+    proc.serve(SnapshotterActor, proc.config.root, proc.events)
