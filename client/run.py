@@ -7,7 +7,6 @@ stdio -> Tasks.Delete -> Snapshots.Remove -> Containers.Delete.
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import select
@@ -91,21 +90,22 @@ class Fifos:
 
 def build_spec(opts: RunOptions, namespace: str, image_config: dict[str, Any]) -> bytes:
     """The OCI runtime spec (JSON) for the container, from image config and options."""
-    from moord.oci.spec import generate_spec
+    from moord.oci import spec
 
-    spec = generate_spec(
-        container_id=opts.container_id,
-        namespace=namespace,
-        image_config=image_config.get("config", {}),
-        args=opts.args,
-        env=opts.env,
-        cwd=opts.cwd,
-        user=opts.user,
-        tty=opts.tty,
-        hostname=opts.hostname,
-        readonly_rootfs=opts.read_only,
+    return spec.dumps(
+        spec.build_spec(
+            namespace,
+            opts.container_id,
+            image_config,
+            args=opts.args,
+            env=opts.env,
+            cwd=opts.cwd,
+            user=opts.user,
+            tty=opts.tty,
+            hostname=opts.hostname,
+            readonly_rootfs=opts.read_only,
+        )
     )
-    return json.dumps(spec).encode()
 
 
 def run(client: Client, opts: RunOptions) -> int:
