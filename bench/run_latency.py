@@ -99,11 +99,11 @@ def bench_moord(base: str, runs: int, layout: str) -> dict[str, list[float]]:
 
 def bench_runc(base: str, runs: int, layout: str) -> list[float]:
     from moord.oci import spec as oci_spec
-    from moord.oci.busybox import build_rootfs
+    from moord.oci.busybox import build_busybox_rootfs
 
     bundle = os.path.join(base, "bundle")
     os.makedirs(bundle)
-    build_rootfs(os.path.join(bundle, "rootfs"))
+    build_busybox_rootfs(os.path.join(bundle, "rootfs"))
     spec = oci_spec.build_spec("bench", "floor", {"config": {"Env": ["PATH=/bin"]}}, args=["/bin/true"])
     spec["root"] = {"path": "rootfs", "readonly": True}
     with open(os.path.join(bundle, "config.json"), "w") as fh:
