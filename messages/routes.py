@@ -10,6 +10,7 @@ SERVICE_PROCESS: dict[str, str] = {
     "leases": "metadata",
     "gc": "metadata",
     "content": "content",
+    "contentmeta": "metadata",
     "snapshots": "snapshotter",
     "transfer": "images",
     "tasks": "runtime",
