@@ -6,12 +6,14 @@ from pydantic import Field
 
 from moord.messages.base import Empty, Message, request
 from moord.messages.tasks import DeleteTaskReply, PidReply, ProcessReply, WaitReply
+from moord.messages.types import Mount
 
 
 @request("shim.create", PidReply)
 class ShimCreate(Message):
-    """runc create of the bundle; stdio are FIFO paths or empty for /dev/null."""
+    """Mount the rootfs at <bundle>/rootfs, then runc create; stdio are FIFO paths or empty (/dev/null)."""
 
+    rootfs: list[Mount] = Field(default_factory=list)
     stdin: str = ""
     stdout: str = ""
     stderr: str = ""
