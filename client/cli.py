@@ -176,7 +176,7 @@ def images_build_busybox(ref: str, as_tar: bool, path: str) -> None:
 # -- run and tasks -----------------------------------------------------------------
 
 
-@main.command(context_settings={"ignore_unknown_options": False})
+@main.command(context_settings={"allow_interspersed_args": False})
 @click.option("--rm", "remove", is_flag=True, help="remove the container after it exits")
 @click.option("--detach", "-d", is_flag=True, help="start the task and return")
 @click.option("--env", multiple=True, help="environment variable NAME=VALUE")
@@ -211,7 +211,7 @@ def run(
     opts = RunOptions(
         image=image,
         container_id=container_id,
-        args=list(args),
+        args=list(args[1:] if args[:1] == ("--",) else args),
         env=list(env),
         remove=remove,
         detach=detach,

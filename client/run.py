@@ -1,7 +1,7 @@
 """`moorctl run`: the same calls, in the same order, as `ctr run --rm`.
 
 Images.Get -> manifest/config -> Snapshots.Prepare(id, chainID) -> Containers.Create ->
-FIFOs -> Tasks.Wait (before Start, in a thread) -> Tasks.Create -> Tasks.Start -> copy
+FIFOs -> Tasks.Create -> Tasks.Wait (in a thread, before Start) -> Tasks.Start -> copy
 stdio -> Tasks.Delete -> Snapshots.Remove -> Containers.Delete.
 """
 
@@ -145,13 +145,14 @@ def run(client: Client, opts: RunOptions) -> int:
             except MoordError as exc:
                 exit_box["error"] = exc
 
-        waiter = threading.Thread(target=wait, name="wait", daemon=True)
-        waiter.start()
         client.call(
             "tasks.create",
             {"container_id": opts.container_id, "rootfs": mounts, "stdout": fifos.stdout, "stderr": fifos.stderr},
         )
         cleanup.insert(0, ("tasks.delete", {"container_id": opts.container_id}))
+        # As ctr: Wait after Create and before Start, so no exit can be missed.
+        waiter = threading.Thread(target=wait, name="wait", daemon=True)
+        waiter.start()
         _forward_signals(client, opts.container_id)
         client.call("tasks.start", {"container_id": opts.container_id})
         fifos.pump()

@@ -81,7 +81,9 @@ def run_daemon(config: Config) -> int:
     from setproctitle import setproctitle
 
     from moord.supervisor.child import setup_logging
+    from moord.supervisor.systemd import Notifier
 
+    systemd = Notifier()  # first: nothing we start may inherit NOTIFY_SOCKET
     setproctitle("moord")
     setup_logging(config.debug.level, "supervisor")
     for path, mode in ((config.root, 0o711), (config.state, 0o711), (config.ipc_dir, 0o700)):
@@ -102,7 +104,6 @@ def run_daemon(config: Config) -> int:
 
     from moord.bus.bridge import Bridge
     from moord.bus.client import endpoint_path
-    from moord.supervisor import systemd
     from moord.supervisor.tree import ChildExited, StartAll, StopAll, SupervisorActor, default_spec
 
     outcome: list[tuple[str, int]] = []
@@ -126,7 +127,7 @@ def run_daemon(config: Config) -> int:
         return 1
     log.info("moord ready in %.2fs (pid %d)", time.monotonic() - began, os.getpid())
     systemd.notify(f"READY=1\nSTATUS=serving ({len(spec.children)} subsystems)\nMAINPID={os.getpid()}")
-    watchdog = systemd.watchdog_interval()
+    watchdog = systemd.watchdog_interval
     next_ping = time.monotonic()
     status = 0
     while True:

@@ -1,7 +1,9 @@
 """sd_notify without libsystemd: READY=1, STATUS=, WATCHDOG=1, STOPPING=1.
 
-Every function is a no-op when NOTIFY_SOCKET is unset, so the daemon runs the same
-under systemd, under a test, or by hand.
+The notifier takes NOTIFY_SOCKET and WATCHDOG_* out of the environment when created
+(sd_notify's unset_environment): every process the daemon starts inherits its
+environment, and runc in particular treats NOTIFY_SOCKET as the container's own and
+then waits for the container to notify. Without NOTIFY_SOCKET every call is a no-op.
 """
 
 from __future__ import annotations
@@ -10,29 +12,27 @@ import os
 import socket
 
 
-def notify(state: str) -> bool:
-    """Send one notification; returns whether a notify socket was there to receive it."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return False
-    if address.startswith("@"):
-        address = "\0" + address[1:]  # abstract namespace socket
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-        try:
-            sock.connect(address)
-            sock.sendall(state.encode())
-        except OSError:
+class Notifier:
+    """The systemd notification channel of this process, if it has one."""
+
+    def __init__(self) -> None:
+        address = os.environ.pop("NOTIFY_SOCKET", "")
+        usec = os.environ.pop("WATCHDOG_USEC", "")
+        pid = os.environ.pop("WATCHDOG_PID", "")
+        self.address = "\0" + address[1:] if address.startswith("@") else address
+        self.watchdog_interval: float | None = None
+        if usec.isdigit() and (not pid.isdigit() or int(pid) == os.getpid()):
+            # Ping at half the timeout, as sd_watchdog_enabled(3) advises.
+            self.watchdog_interval = max(0.01, int(usec) / 1_000_000 / 2)
+
+    def notify(self, state: str) -> bool:
+        """Send one notification; returns whether a notify socket received it."""
+        if not self.address:
             return False
-    return True
-
-
-def watchdog_interval() -> float | None:
-    """Seconds between WATCHDOG=1 pings (half of WATCHDOG_USEC), or None when not asked."""
-    usec = os.environ.get("WATCHDOG_USEC")
-    pid = os.environ.get("WATCHDOG_PID")
-    if not usec or (pid and pid.isdigit() and int(pid) != os.getpid()):
-        return None
-    try:
-        return max(0.01, int(usec) / 1_000_000 / 2)
-    except ValueError:
-        return None
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            try:
+                sock.connect(self.address)
+                sock.sendall(state.encode())
+            except OSError:
+                return False
+        return True

@@ -9,7 +9,7 @@ from typing import Iterator
 
 import pytest
 
-from tests.daemon import TEST_PREFIX, Daemon, cleanup_base, new_daemon
+from tests.daemon import TEST_PREFIX, Daemon, cleanup_base, new_daemon, reap_orphans
 
 
 @pytest.fixture(scope="session")
@@ -67,8 +67,18 @@ def imported(daemon: Daemon, busybox_layout: str) -> Daemon:
 
 @pytest.fixture(scope="session", autouse=True)
 def no_leftovers() -> Iterator[None]:
-    """After the whole session: nothing of ours is mounted or running."""
+    """Adopt orphans as a subreaper (this sandbox's pid 1 never reaps), and check at the end
+    that nothing of ours is mounted or running."""
+    import ctypes
+
+    pr_set_child_subreaper = 36
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_child_subreaper, 1, 0, 0, 0)
     yield
+    reap_orphans()
+    import psutil
+
+    alive = [p.pid for p in psutil.process_iter(["cmdline"]) if "moord-shim" in " ".join(p.info["cmdline"] or [])]
+    assert not alive, f"tests left shims running: {alive}"
     with open("/proc/self/mountinfo") as fh:
         mounts = [line.split()[4] for line in fh if f"/{TEST_PREFIX}" in line.split()[4]]
     assert not mounts, f"tests left mounts behind: {mounts[:5]}"

@@ -127,6 +127,7 @@ class Daemon:
             self.notify.close()
             self.notify = None
         self.notifications.clear()
+        reap_orphans()
         return status
 
     def kill9(self) -> None:
@@ -140,6 +141,7 @@ class Daemon:
             self.notify = None
         self.notifications.clear()
         wait_until(lambda: not child_pids(self), 10, "children to follow the root")
+        reap_orphans()
 
     def tree(self) -> dict[str, Any]:
         """The supervision tree as the daemon reports it."""
@@ -161,6 +163,16 @@ def child_pids(daemon: Daemon) -> list[int]:
         if "moord.supervisor.child" in cmdline and any(daemon.base in part for part in cmdline):
             found.append(proc.pid)
     return found
+
+
+def reap_orphans(keep: set[int] = frozenset()) -> None:  # type: ignore[assignment]
+    """Reap zombie children other than `keep`: orphans re-parented to us as subreaper."""
+    for proc in psutil.Process().children():
+        try:
+            if proc.pid not in keep and proc.status() == psutil.STATUS_ZOMBIE:
+                os.waitpid(proc.pid, os.WNOHANG)
+        except (psutil.Error, ChildProcessError):
+            continue
 
 
 def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.05) -> Any:
@@ -190,6 +202,14 @@ def new_daemon(extra_config: str = "") -> Daemon:
 
 def cleanup_base(base: str) -> None:
     """Remove every trace of a test daemon: processes, runc state, mounts, files."""
+    bundles = os.path.join(base, "state", "io.containerd.runtime.v2.task")
+    for dirpath, _, files in os.walk(bundles):
+        if "shim.pid" in files:  # shims run detached, in "/", under their own title
+            try:
+                with open(os.path.join(dirpath, "shim.pid")) as fh:
+                    os.kill(int(fh.read().strip()), signal.SIGKILL)
+            except (OSError, ValueError):
+                pass
     for proc in psutil.process_iter(["cmdline", "cwd"]):
         try:
             cmdline = " ".join(proc.info.get("cmdline") or [])
@@ -200,6 +220,7 @@ def cleanup_base(base: str) -> None:
                 proc.kill()
         except psutil.Error:
             continue
+    reap_orphans()
     runc_root = os.path.join(base, "state", "runc")
     if os.path.isdir(runc_root):
         for ns in os.listdir(runc_root):

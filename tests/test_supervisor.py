@@ -44,7 +44,7 @@ def test_tree_shows_every_subsystem_running(daemon: Daemon) -> None:
 def test_process_titles_read_like_the_diagram(daemon: Daemon) -> None:
     root = psutil.Process(daemon.tree()["pid"])
     assert root.cmdline()[0] == "moord"
-    names = sorted(" ".join(p.cmdline()) for p in root.children())
+    names = sorted(" ".join(p.cmdline()).strip() for p in root.children())
     assert names == sorted(f"moord: {n}" for n in SUBSYSTEMS)
 
 

@@ -1,0 +1,115 @@
+"""What a user sees: moorctl imports busybox, runs containers, gets their exit codes,
+and running containers outlive crashes of the runtime process and of the daemon."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+from tests.daemon import Daemon, moorctl_argv, wait_until
+
+IMAGE = "docker.io/library/busybox:latest"
+
+
+def test_images_ls_shows_the_imported_image(imported: Daemon) -> None:
+    result = imported.moorctl("images", "ls")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0].split() == ["REF", "TYPE", "DIGEST", "SIZE", "LABELS"]
+    assert IMAGE in result.stdout
+    assert imported.moorctl("images", "ls", "-q").stdout.split() == [IMAGE]
+
+
+def test_run_prints_hello(imported: Daemon) -> None:
+    result = imported.moorctl("run", "--rm", IMAGE, "hello", "echo", "hello")
+    assert (result.returncode, result.stdout, result.stderr) == (0, "hello\n", "")
+
+
+def test_run_passes_stderr_and_the_exit_code(imported: Daemon) -> None:
+    result = imported.moorctl("run", "--rm", IMAGE, "seven", "sh", "-c", "echo out; echo err >&2; exit 7")
+    assert result.returncode == 7
+    assert result.stdout == "out\n" and result.stderr == "err\n"
+
+
+def test_run_after_double_dash_and_env(imported: Daemon) -> None:
+    result = imported.moorctl("run", "--rm", "--env", "GREETING=hi", IMAGE, "dd", "--", "sh", "-c", "echo $GREETING")
+    assert (result.returncode, result.stdout) == (0, "hi\n")
+
+
+def test_killed_container_exits_137(imported: Daemon) -> None:
+    runner = subprocess.Popen(
+        moorctl_argv(imported.config_path, "run", "--rm", IMAGE, "victim", "sleep", "100"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_until(lambda: "victim" in imported.moorctl("tasks", "ls").stdout, 20, "the task to run")
+        kill = imported.moorctl("kill", "-s", "KILL", "victim")
+        assert kill.returncode == 0, kill.stderr
+        assert runner.wait(30) == 137
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+            runner.wait()
+
+
+def test_run_rm_leaves_nothing_behind(imported: Daemon) -> None:
+    assert imported.moorctl("run", "--rm", IMAGE, "tidy", "true").returncode == 0
+    assert "tidy" not in imported.moorctl("containers", "ls").stdout
+    assert "tidy" not in imported.moorctl("snapshots", "ls").stdout
+    assert "tidy" not in imported.moorctl("tasks", "ls").stdout
+    with open("/proc/self/mountinfo") as fh:
+        assert not [line for line in fh if imported.base in line and "tidy" in line]
+
+
+def test_unknown_image_is_a_clear_error(imported: Daemon) -> None:
+    result = imported.moorctl("run", "--rm", "docker.io/library/nothing:here", "nope", "true")
+    assert result.returncode == 1
+    assert "not_found" in result.stderr and "nothing:here" in result.stderr
+
+
+def _wait_exit(daemon: Daemon, container_id: str) -> int:
+    reply = daemon.client(timeout=30).call("tasks.wait", {"container_id": container_id}, timeout=30)
+    return int(reply["exit_status"])
+
+
+def _cleanup(daemon: Daemon, container_id: str) -> None:
+    daemon.moorctl("tasks", "rm", container_id)
+    daemon.moorctl("containers", "rm", container_id)
+
+
+def test_running_container_survives_kill9_of_the_runtime(imported: Daemon) -> None:
+    daemon = imported
+    started = daemon.moorctl("run", "-d", IMAGE, "survivor", "sh", "-c", "sleep 3; exit 4")
+    assert started.returncode == 0, started.stderr
+    init_pid = next(t for t in daemon.client().call("tasks.list")["tasks"] if t["container_id"] == "survivor")["pid"]
+    runtime_pid = daemon.child_pid("runtime")
+    os.kill(runtime_pid, signal.SIGKILL)
+    wait_until(lambda: daemon.child_pid("runtime") not in (0, runtime_pid), 30, "runtime to restart")
+    assert os.path.exists(f"/proc/{init_pid}")  # the container never noticed
+    task = next(t for t in daemon.client().call("tasks.list")["tasks"] if t["container_id"] == "survivor")
+    assert task["status"] == "running" and task["pid"] == init_pid
+    assert _wait_exit(daemon, "survivor") == 4
+    _cleanup(daemon, "survivor")
+
+
+def test_running_container_survives_kill9_of_the_root(fresh_daemon: Daemon, busybox_layout: str) -> None:
+    daemon = fresh_daemon
+    assert daemon.moorctl("images", "import", busybox_layout).returncode == 0
+    assert daemon.moorctl("run", "-d", IMAGE, "longer", "sh", "-c", "sleep 30; exit 6").returncode == 0
+    assert daemon.moorctl("run", "-d", IMAGE, "shorter", "sh", "-c", "sleep 1; exit 9").returncode == 0
+    pids = {t["container_id"]: t["pid"] for t in daemon.client().call("tasks.list")["tasks"]}
+    daemon.kill9()
+    time.sleep(1.5)  # "shorter" exits while no daemon runs
+    assert os.path.exists(f"/proc/{pids['longer']}")
+    daemon.start()
+    tasks = {t["container_id"]: t for t in daemon.client().call("tasks.list")["tasks"]}
+    assert tasks["longer"]["status"] == "running" and tasks["longer"]["pid"] == pids["longer"]
+    assert tasks["shorter"]["status"] == "stopped"
+    assert _wait_exit(daemon, "shorter") == 9
+    assert daemon.moorctl("kill", "-s", "KILL", "longer").returncode == 0
+    assert _wait_exit(daemon, "longer") == 137
+    for cid in ("longer", "shorter"):
+        _cleanup(daemon, cid)
