@@ -105,7 +105,7 @@ def test_backoff_doubles_between_quick_crashes(make_tree) -> None:
 def test_intensity_escalates_and_stops_everything(make_tree) -> None:
     tree = make_tree(
         SupervisorSpec(
-            children=[child("steady", "sleep 60"), child("hot", "sleep 0.05; exit 1")],
+            children=[child("steady", "exec sleep 60"), child("hot", "sleep 0.05; exit 1")],
             backoff_initial=0.01,
             max_restarts=2,
             max_seconds=30,
@@ -123,7 +123,7 @@ def test_intensity_escalates_and_stops_everything(make_tree) -> None:
 def test_rest_for_one_restarts_later_siblings_only(make_tree) -> None:
     tree = make_tree(
         SupervisorSpec(
-            children=[child("a", "sleep 60"), child("b", "sleep 0.5; exit 1"), child("c", "sleep 60")],
+            children=[child("a", "exec sleep 60"), child("b", "sleep 0.5; exit 1"), child("c", "exec sleep 60")],
             strategy="rest_for_one",
             backoff_initial=0.01,
             max_restarts=50,
