@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from moord.actors.base import DEFERRED, CallContext, ServiceActor, handles
 from moord.bus.client import Client
 from moord.bus.events import EventPublisher
+from moord.linux.files import fsync_dir, read_small, write_atomic
 from moord.messages import filters
 from moord.messages.base import Empty
 from moord.messages.content import (
@@ -77,25 +78,9 @@ def blob_relpath(digest: str) -> str:
     return os.path.join("blobs", "sha256", match.group(1))
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_small(path: str, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.write(text)
-
-
 def _read_small(path: str, default: str = "") -> str:
-    try:
-        with open(path, encoding="utf-8") as fh:
-            return fh.read()
-    except FileNotFoundError:
-        return default
+    text = read_small(path)
+    return default if text is None else text
 
 
 @dataclass
@@ -135,7 +120,8 @@ class Ingest:
 
     def set_field(self, name: str, value: str) -> None:
         """Persist one small field (total, expected, updatedat) next to the data."""
-        _write_small(os.path.join(self.path, name), value)
+        # Rewritten per chunk: atomic, but not fsynced (the data file's fsync at commit is what counts).
+        write_atomic(os.path.join(self.path, name), value, durable=False)
 
 
 @dataclass
@@ -258,10 +244,10 @@ class ContentActor(ServiceActor):
         os.makedirs(path, mode=0o700)
         at = time.time()
         ingest = Ingest(namespace, ref, path, total=total, expected=expected, started_at=at, updated_at=at)
-        _write_small(os.path.join(path, "ref"), ref)
-        _write_small(os.path.join(path, "namespace"), namespace)
-        _write_small(os.path.join(path, "startedat"), repr(at))
-        _write_small(os.path.join(path, "updatedat"), repr(at))
+        write_atomic(os.path.join(path, "ref"), ref)
+        write_atomic(os.path.join(path, "namespace"), namespace)
+        write_atomic(os.path.join(path, "startedat"), repr(at))
+        write_atomic(os.path.join(path, "updatedat"), repr(at))
         if total:
             ingest.set_field("total", str(total))
         if expected:
@@ -445,7 +431,7 @@ class ContentActor(ServiceActor):
             except OSError as exc:
                 if exc.errno != errno.EEXIST:
                     raise
-            _fsync_dir(self.blobs_dir)
+            fsync_dir(self.blobs_dir)
         size = ingest.offset
         self._remove_ingest(ctx.namespace, req.ref)
         added = self._meta("contentmeta.add", {"digest": digest, "size": size, "labels": req.labels}, ctx)

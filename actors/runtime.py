@@ -68,6 +68,7 @@ from moord.messages.tasks import (
     WaitTask,
 )
 from moord.oci.spec import cgroups_path, loads as load_spec
+from moord.linux.files import read_small, write_atomic
 from moord.shims.shim import (
     ADDRESS_FILE,
     BUNDLES_DIR,
@@ -80,9 +81,7 @@ from moord.shims.shim import (
     address_to_path,
     bundle_path,
     read_exit,
-    read_small,
     runc_root,
-    write_atomic,
     write_exit,
 )
 from moord.shims.zygote import Zygote

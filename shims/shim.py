@@ -35,6 +35,8 @@ from typing import Any, Callable
 
 import zmq
 
+from moord.linux.files import read_small, write_atomic
+from moord.linux.process import PR_SET_CHILD_SUBREAPER, prctl
 from moord.messages import envelope as codec
 from moord.messages.base import Envelope, KindSpec, Message, validate_payload
 from moord.messages.errors import (
@@ -68,8 +70,6 @@ TITLE_PREFIX = "moord-shim: "
 # nobody will ever delete us: clean up and exit rather than leak).
 IDLE_CHECK_SECONDS = 2.0
 RUNC_TIMEOUT = 60.0
-PR_SET_PDEATHSIG = 1
-PR_SET_CHILD_SUBREAPER = 36
 
 
 # -- the bundle on disk (shared with the runtime actor) ------------------------------
@@ -89,27 +89,6 @@ def shim_socket_path(state: str, namespace: str, container_id: str) -> str:
 def runc_root(state: str, namespace: str) -> str:
     """runc's state root for a namespace."""
     return os.path.join(state, "runc", namespace)
-
-
-def write_atomic(path: str, data: bytes, mode: int = 0o600) -> None:
-    """Write a file so readers see the old content or the whole new one, never a part."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-
-
-def read_small(path: str) -> str | None:
-    """A small text file's content, or None if it does not exist."""
-    try:
-        with open(path, "r", encoding="utf-8") as fh:
-            return fh.read(65536)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
 
 
 def read_exit(bundle: str) -> dict[str, Any] | None:
@@ -144,16 +123,6 @@ def exit_status_of(wait_status: int) -> int:
     """A waitpid status as a shell would report it: the code, or 128+signal when killed."""
     code = os.waitstatus_to_exitcode(wait_status)
     return 128 - code if code < 0 else code
-
-
-def prctl(option: int, value: int) -> None:
-    """prctl(2) through libc (Python has no binding)."""
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(option, value, 0, 0, 0) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"prctl({option}): {os.strerror(err)}")
 
 
 def runc_error(bundle: str, fallback: str) -> str:

@@ -29,7 +29,8 @@ import traceback
 from dataclasses import dataclass
 
 from moord.messages.errors import Internal, InvalidArgument, MoordError, Unavailable
-from moord.shims.shim import PR_SET_PDEATHSIG, SHIM_LOG_FILE, ShimConfig, prctl, run_shim
+from moord.linux.process import PR_SET_PDEATHSIG, prctl
+from moord.shims.shim import SHIM_LOG_FILE, ShimConfig, run_shim
 
 ZYGOTE_TITLE = "moord-shim: zygote"
 SPAWN_TIMEOUT = 15.0

@@ -7,7 +7,6 @@ on the pipe the supervisor passed as READY_FD, and stops cleanly on SIGTERM.
 
 from __future__ import annotations
 
-import ctypes
 import importlib
 import logging
 import os
@@ -17,13 +16,13 @@ import sys
 
 READY_FD_ENV = "MOORD_READY_FD"
 SUPERVISOR_PID_ENV = "MOORD_SUPERVISOR_PID"
-_PR_SET_PDEATHSIG = 1
 
 
 def die_with_parent(sig: int = signal.SIGTERM) -> None:
     """Ask the kernel to send `sig` when our parent exits; exit now if it already has."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+    from moord.linux.process import PR_SET_PDEATHSIG, prctl
+
+    prctl(PR_SET_PDEATHSIG, int(sig))
     expected = os.environ.get(SUPERVISOR_PID_ENV)
     if expected and expected.isdigit() and os.getppid() != int(expected):
         sys.exit(1)

@@ -9,6 +9,7 @@ from typing import Iterator
 
 import pytest
 
+from moord.linux.process import PR_SET_CHILD_SUBREAPER, prctl
 from tests.daemon import TEST_PREFIX, Daemon, cleanup_base, new_daemon, reap_orphans
 
 
@@ -69,10 +70,7 @@ def imported(daemon: Daemon, busybox_layout: str) -> Daemon:
 def no_leftovers() -> Iterator[None]:
     """Adopt orphans as a subreaper (this sandbox's pid 1 never reaps), and check at the end
     that nothing of ours is mounted or running."""
-    import ctypes
-
-    pr_set_child_subreaper = 36
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_child_subreaper, 1, 0, 0, 0)
+    prctl(PR_SET_CHILD_SUBREAPER, 1)
     yield
     reap_orphans()
     import psutil

@@ -30,7 +30,8 @@ from moord.config.model import Config
 from moord.linux.mount import is_mountpoint, unmount_all
 from moord.messages.errors import FailedPrecondition, InvalidArgument, NotFound
 from moord.oci import spec as oci
-from moord.shims.shim import BUNDLES_DIR, PR_SET_CHILD_SUBREAPER, bundle_path, prctl, runc_root
+from moord.linux.process import PR_SET_CHILD_SUBREAPER, prctl
+from moord.shims.shim import BUNDLES_DIR, bundle_path, runc_root
 
 RUNC = shutil.which("runc")
 BUSYBOX = "/bin/busybox"
