@@ -73,7 +73,7 @@ class _OpenHow(ctypes.Structure):
     _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
+from moord.linux.libc import libc as _libc  # noqa: E402
 _libc.syscall.restype = ctypes.c_long
 
 

@@ -437,7 +437,8 @@ class RuntimeActor(ServiceActor):
         container = self.client.call("containers.get", {"id": cid}, namespace=ns)["container"]
         spec = self._task_spec(ns, cid, container.get("spec") or b"", bool(request.rootfs))
         os.makedirs(os.path.join(bundle, ROOTFS_DIR), mode=0o711)
-        write_atomic(os.path.join(bundle, CONFIG_FILE), json.dumps(spec).encode(), 0o644)
+        # Not fsynced: a bundle lost in a crash belongs to a task that never started.
+        write_atomic(os.path.join(bundle, CONFIG_FILE), json.dumps(spec).encode(), 0o644, durable=False)
         shim_config = ShimConfig(
             namespace=ns,
             container_id=cid,
@@ -534,17 +535,20 @@ class RuntimeActor(ServiceActor):
             raise FailedPrecondition(f"task {task.container_id} must be stopped before deletion")
         assert self.monitor is not None
         self.monitor.unwatch(task.key)
+        shim_cleaned_up = False
         if task.shim_alive:
             try:
                 reply = self._shim_call(task, "shim.delete", {})
             except (Unavailable, DeadlineExceeded):
                 self._dispose_shim(task)
             else:
+                shim_cleaned_up = True
                 if task.status != "stopped":
                     self._stopped(task, int(reply["exit_status"]), float(reply["exited_at"]))
             task.shim_alive = False
         task.disconnect()
-        self._cleanup_runtime(task)
+        if not shim_cleaned_up:  # the shim's own delete already ran runc delete and unmounted
+            self._cleanup_runtime(task)
         self._remove_bundle(task.bundle)
         del self.tasks[task.key]
         self.events.publish(

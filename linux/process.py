@@ -5,13 +5,14 @@ from __future__ import annotations
 import ctypes
 import os
 
+from moord.linux.libc import libc
+
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
 
 
 def prctl(option: int, value: int) -> None:
     """Call prctl(option, value); OSError on failure."""
-    libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(option, value, 0, 0, 0) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"prctl({option}): {os.strerror(err)}")

@@ -32,6 +32,9 @@ from moord.messages.errors import Internal, InvalidArgument, MoordError, Unavail
 from moord.linux.process import PR_SET_PDEATHSIG, prctl
 from moord.shims.shim import SHIM_LOG_FILE, ShimConfig, run_shim
 
+# Everything a shim imports lazily is loaded here once, so forked shims share it.
+import moord.linux.mount  # noqa: E402,F401
+
 ZYGOTE_TITLE = "moord-shim: zygote"
 SPAWN_TIMEOUT = 15.0
 START_TIMEOUT = 30.0
