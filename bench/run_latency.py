@@ -49,7 +49,7 @@ def timed(runs: int, action: Callable[[int], None]) -> list[float]:
 def moorctl_argv() -> list[str]:
     """The installed moorctl script beside this interpreter, else the module."""
     script = os.path.join(os.path.dirname(sys.executable), "moorctl")
-    return [script] if os.path.exists(script) else [sys.executable, "-m", "moord.client.cli"]
+    return [script] if os.path.exists(script) else [sys.executable, "-m", "moord.client"]
 
 
 def start_moord(base: str) -> subprocess.Popen[bytes]:

@@ -26,7 +26,7 @@ TEST_PREFIX = "moord-t-"
 
 def moorctl_argv(config: str, *args: str) -> list[str]:
     """argv of the real moorctl console entry, run by this interpreter."""
-    return [sys.executable, "-m", "moord.client.cli", "--config", config, *args]
+    return [sys.executable, "-m", "moord.client", "--config", config, *args]
 
 
 @dataclass
