@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 from typing import Any
 
 import pykka
@@ -20,9 +19,10 @@ import zmq
 from moord import __version__
 from moord.actors.base import Call, CallContext
 from moord.messages import envelope as codec
-from moord.messages.base import Envelope, KindSpec, validate_identifier, validate_payload
-from moord.messages.errors import DeadlineExceeded, InvalidArgument, MoordError, Unimplemented
+from moord.messages.base import KindSpec
+from moord.messages.errors import MoordError, Unimplemented
 from moord.messages.registry import KINDS
+from moord.messages.requests import decode_request, request_id_of
 from moord.messages.routes import SERVICE_PROCESS
 
 log = logging.getLogger(__name__)
@@ -129,8 +129,7 @@ class Bridge:
             try:
                 self._dispatch(identity, parts[1:], router)
             except MoordError as exc:
-                request_id = getattr(exc, "request_id", "")
-                router.send_multipart([identity, codec.reply_frame(request_id, exc.to_wire(), True)])
+                router.send_multipart([identity, codec.reply_frame(request_id_of(exc), exc.to_wire(), True)])
             except Exception as exc:  # never let one request kill the bridge
                 log.exception("bridge %s: unexpected failure", self.process)
                 router.send_multipart(
@@ -138,54 +137,29 @@ class Bridge:
                 )
 
     def _dispatch(self, identity: bytes, frames: list[Any], router: zmq.Socket) -> None:
-        if not frames:
-            raise InvalidArgument("empty request: want an envelope frame")
-        total = sum(len(f.buffer) for f in frames)
-        head = frames[0].bytes if total <= codec.MAX_MESSAGE_BYTES else b""
-        request_id = ""
-        try:
-            if total > codec.MAX_MESSAGE_BYTES:
-                raise InvalidArgument(
-                    f"request of {total} bytes exceeds the limit of {codec.MAX_MESSAGE_BYTES} bytes"
-                )
-            raw = codec.unpack(head)
-            if not isinstance(raw, dict):
-                raise InvalidArgument("envelope must be a map")
-            rid = raw.get("id")
-            request_id = rid if isinstance(rid, str) else ""
-            env = validate_payload(_ENVELOPE_SPEC, raw)
-            assert isinstance(env, Envelope)
-            env.check_version()
-            if env.deadline and time.time() > env.deadline:
-                raise DeadlineExceeded(f"{env.kind}: deadline passed before it arrived")
-            validate_identifier(env.ns)
-            if env.kind == "system.ping":
-                reply = {"process": self.process, "pid": os.getpid(), "version": __version__, "services": self.services}
-                router.send_multipart([identity, codec.reply_frame(request_id, reply)])
-                return
-            spec = KINDS.get(env.kind)
-            if spec is None:
-                raise Unimplemented(f"unknown request kind {env.kind[:128]!r}")
-            actor = self._routes.get(env.kind)
-            if actor is None:
-                owner = SERVICE_PROCESS.get(spec.service, "?")
-                raise Unimplemented(f"{env.kind} is served by process {owner!r}, not {self.process!r}")
-            request = validate_payload(spec, env.payload)
-        except MoordError as exc:
-            exc.request_id = request_id  # type: ignore[attr-defined]
-            raise
+        request = decode_request([f.buffer for f in frames], self._accept)
+        env = request.envelope
+        if env.kind == "system.ping":
+            reply = {"process": self.process, "pid": os.getpid(), "version": __version__, "services": self.services}
+            router.send_multipart([identity, codec.reply_frame(request.request_id, reply)])
+            return
         ctx = CallContext(
             kind=env.kind,
             namespace=env.ns,
             lease=env.lease,
             deadline=env.deadline,
-            frames=[f.buffer for f in frames[1:]],
-            answer=self._answerer(identity, request_id),
+            frames=request.extra,
+            answer=self._answerer(identity, request.request_id),
         )
         try:
-            actor.tell(Call(request, ctx))
+            self._routes[env.kind].tell(Call(request.message, ctx))
         except pykka.ActorDeadError:
             ctx.fail(Unimplemented(f"{env.kind}: its actor has stopped"))
+
+    def _accept(self, spec: KindSpec) -> None:
+        if spec.kind != "system.ping" and spec.kind not in self._routes:
+            owner = SERVICE_PROCESS.get(spec.service, "?")
+            raise Unimplemented(f"{spec.kind} is served by process {owner!r}, not {self.process!r}")
 
     def _answerer(self, identity: bytes, request_id: str):  # type: ignore[no-untyped-def]
         def answer(payload: Any, frames: list[bytes], is_error: bool) -> None:
@@ -208,4 +182,3 @@ class Bridge:
                 log.debug("bridge %s: client went away before its reply", self.process)
 
 
-_ENVELOPE_SPEC = KindSpec("envelope", Envelope, Envelope)

@@ -113,3 +113,65 @@ def test_running_container_survives_kill9_of_the_root(fresh_daemon: Daemon, busy
     assert _wait_exit(daemon, "longer") == 137
     for cid in ("longer", "shorter"):
         _cleanup(daemon, cid)
+
+
+def test_import_of_a_layout_tar(fresh_daemon: Daemon, tmp_path) -> None:
+    from moord.oci.busybox import build_busybox_layout
+
+    tar = str(tmp_path / "busybox.tar")
+    build_busybox_layout(tar, ref="docker.io/library/busybox:tarred", tar=True)
+    result = fresh_daemon.moorctl("images", "import", tar)
+    assert result.returncode == 0, result.stderr
+    assert "docker.io/library/busybox:tarred" in fresh_daemon.moorctl("images", "ls", "-q").stdout
+    run = fresh_daemon.moorctl("run", "--rm", "docker.io/library/busybox:tarred", "from-tar", "echo", "tar ok")
+    assert (run.returncode, run.stdout) == (0, "tar ok\n")
+
+
+def test_sigterm_of_the_daemon_leaves_containers_running(fresh_daemon: Daemon, busybox_layout: str) -> None:
+    daemon = fresh_daemon
+    assert daemon.moorctl("images", "import", busybox_layout).returncode == 0
+    assert daemon.moorctl("run", "-d", IMAGE, "stays", "sleep", "60").returncode == 0
+    pid = next(t["pid"] for t in daemon.client().call("tasks.list")["tasks"] if t["container_id"] == "stays")
+    assert daemon.stop() == 0  # SIGTERM: the tree stops in order
+    assert os.path.exists(f"/proc/{pid}")
+    daemon.start()
+    task = next(t for t in daemon.client().call("tasks.list")["tasks"] if t["container_id"] == "stays")
+    assert (task["status"], task["pid"]) == ("running", pid)
+    assert daemon.moorctl("kill", "-s", "KILL", "stays").returncode == 0
+    assert _wait_exit(daemon, "stays") == 137
+    _cleanup(daemon, "stays")
+
+
+def test_shim_endpoint_survives_malformed_frames(imported: Daemon) -> None:
+    import glob
+
+    import msgpack
+    import zmq
+
+    from moord.messages import envelope as codec
+
+    assert imported.moorctl("run", "-d", IMAGE, "probed", "sleep", "60").returncode == 0
+    try:
+        [address_file] = glob.glob(os.path.join(imported.state, "io.containerd.runtime.v2.task", "default", "probed", "address"))
+        address = open(address_file).read().strip()
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(address if address.startswith("ipc://") else f"ipc://{address}")
+        try:
+            for frames in (
+                [b"\xc1garbage"],
+                [codec.request_frame("u", "nosuch.kind", {})],
+                [codec.request_frame("v", "shim.kill", {"signal": 999})],
+                [codec.request_frame("b", "shim.state", {}), b"\0" * (codec.MAX_MESSAGE_BYTES + 1)],
+            ):
+                sock.send_multipart(frames)
+                assert sock.poll(5000), "the shim did not answer"
+                assert msgpack.unpackb(sock.recv_multipart()[0])["kind"] == "error"
+        finally:
+            sock.close()
+        task = next(t for t in imported.client().call("tasks.list")["tasks"] if t["container_id"] == "probed")
+        assert task["status"] == "running"
+    finally:
+        imported.moorctl("kill", "-s", "KILL", "probed")
+        _wait_exit(imported, "probed")
+        _cleanup(imported, "probed")
