@@ -130,7 +130,8 @@ def run(client: Client, opts: RunOptions) -> int:
             "snapshot_key": opts.container_id,
         }
         client.call("containers.create", {"container": container})
-        cleanup.insert(0, ("containers.delete", {"id": opts.container_id}))
+        # ctr's order on the way out: task, then snapshot, then container record.
+        cleanup.append(("containers.delete", {"id": opts.container_id}))
         if opts.detach:
             client.call("tasks.create", {"container_id": opts.container_id, "rootfs": mounts})
             client.call("tasks.start", {"container_id": opts.container_id})

@@ -175,3 +175,25 @@ def test_shim_endpoint_survives_malformed_frames(imported: Daemon) -> None:
         imported.moorctl("kill", "-s", "KILL", "probed")
         _wait_exit(imported, "probed")
         _cleanup(imported, "probed")
+
+
+def test_a_run_publishes_containerds_events(imported: Daemon) -> None:
+    from moord.bus.events import EventSubscriber
+
+    subscriber = EventSubscriber(imported.ipc_dir)
+    try:
+        time.sleep(0.3)  # let the subscription reach the exchange
+        assert imported.moorctl("run", "--rm", IMAGE, "evented", "sh", "-c", "exit 3").returncode == 3
+        seen: list[tuple[str, dict]] = []
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not any(t == "/containers/delete" for t, _ in seen):
+            event = subscriber.receive(1)
+            if event and event["ns"] == "default":
+                seen.append((event["topic"], event["event"]))
+    finally:
+        subscriber.close()
+    topics = [t for t, e in seen if e.get("container_id", e.get("id", e.get("key"))) in ("evented", None) or t.startswith("/snapshot")]
+    order = ["/snapshot/prepare", "/containers/create", "/tasks/create", "/tasks/start", "/tasks/exit", "/tasks/delete", "/snapshot/remove", "/containers/delete"]
+    assert [t for t in topics if t in order] == order, seen
+    exit_event = next(e for t, e in seen if t == "/tasks/exit")
+    assert exit_event["exit_status"] == 3 and exit_event["container_id"] == "evented" and exit_event["pid"] > 0
