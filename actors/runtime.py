@@ -48,40 +48,65 @@ from moord.messages.errors import (
     Unimplemented,
     error_from_wire,
 )
-from moord.messages.events import TaskCreate, TaskDelete, TaskExit, TaskStart
+from moord.messages.events import (
+    TaskCreate,
+    TaskDelete,
+    TaskExecAdded,
+    TaskExecStarted,
+    TaskExit,
+    TaskPaused,
+    TaskResumed,
+    TaskStart,
+)
 from moord.messages.shim import ShimCreate
 from moord.messages.tasks import (
     UNKNOWN_EXIT_STATUS,
+    CloseIO,
     CreateTask,
     CreateTaskReply,
     DeleteTask,
     DeleteTaskReply,
+    ExecProcess,
     GetTask,
     KillTask,
+    ListPids,
     ListTasks,
+    MetricsReply,
+    PauseTask,
     PidReply,
+    PidsReply,
     Process,
     ProcessList,
     ProcessReply,
+    ResizePty,
+    ResumeTask,
     StartTask,
+    TaskMetrics,
+    UpdateTask,
     WaitReply,
     WaitTask,
 )
 from moord.oci.spec import cgroups_path, loads as load_spec
 from moord.linux.files import read_small, write_atomic
+from moord.shims import cgroups
 from moord.shims.shim import (
     ADDRESS_FILE,
     BUNDLES_DIR,
     CONFIG_FILE,
+    EXEC_FILE_PREFIX,
     INIT_PID_FILE,
     ROOTFS_DIR,
+    RUNTIME_FILE,
     SHIM_PID_FILE,
     TITLE_PREFIX,
     ShimConfig,
     address_to_path,
     bundle_path,
     read_exit,
-    runc_root,
+    runtime_command,
+    runtime_name,
+    runtime_root,
+    spec_cgroups_path,
     write_exit,
 )
 from moord.shims.zygote import Zygote
@@ -92,14 +117,47 @@ SHIM_CALL_TIMEOUT = 30.0  # runc create of a big spec can take a while
 REATTACH_TIMEOUT = 1.0  # a live shim answers state in milliseconds; fail fast otherwise
 RUNC_TIMEOUT = 30.0
 # Files a bundle may hold; removal deletes only these (never walks into rootfs).
-BUNDLE_FILES = ("config.json", "address", "shim.pid", "init.pid", "exit", "log.json", "shim.log")
+BUNDLE_FILES = ("config.json", "address", "shim.pid", "init.pid", "exit", "log.json", "shim.log", RUNTIME_FILE)
+# Runtime names (containerd's runtime field) that select crun rather than the default.
+CRUN_RUNTIME_NAMES = ("crun", "io.containerd.crun.v2", "io.containerd.crun.v1")
 
 Key = tuple[str, str]
 
 
 @dataclass
+class ExecState:
+    """An exec'd process of a task."""
+
+    exec_id: str
+    pid: int = 0
+    status: str = "created"
+    stdin: str = ""
+    stdout: str = ""
+    stderr: str = ""
+    terminal: bool = False
+    exit_status: int = 0
+    exited_at: float = 0.0
+    waiters: list[CallContext] = field(default_factory=list)
+
+    def process(self, container_id: str) -> Process:
+        """The exec'd process as the tasks API shows it."""
+        return Process(
+            container_id=container_id,
+            id=self.exec_id,
+            pid=self.pid,
+            status=self.status,  # type: ignore[arg-type]
+            stdin=self.stdin,
+            stdout=self.stdout,
+            stderr=self.stderr,
+            terminal=self.terminal,
+            exit_status=self.exit_status,
+            exited_at=self.exited_at,
+        )
+
+
+@dataclass
 class Task:
-    """What the runtime knows of one task (the init process of a container)."""
+    """What the runtime knows of one task (the init process of a container) and its execs."""
 
     namespace: str
     container_id: str
@@ -117,6 +175,9 @@ class Task:
     shim_alive: bool = True
     waiters: list[CallContext] = field(default_factory=list)
     connection: ShimConnection | None = None
+    runtime: str = "runc"
+    cgroups_path: str = ""
+    execs: dict[str, ExecState] = field(default_factory=dict)
 
     def call(self, kind: str, payload: dict[str, Any], timeout: float) -> dict[str, Any]:
         """Call this task's shim (from the actor thread)."""
@@ -156,6 +217,16 @@ class ShimExited:
     """Notice from the monitor: the shim answered shim.wait."""
 
     key: Key
+    exit_status: int
+    exited_at: float
+
+
+@dataclass
+class ExecExited:
+    """Notice from the monitor: the shim answered shim.wait for an exec'd process."""
+
+    key: Key
+    exec_id: str
     exit_status: int
     exited_at: float
 
@@ -235,6 +306,7 @@ class _Watch:
     sock: zmq.Socket
     pidfd: int
     request_id: str
+    exec_waits: dict[str, str] = field(default_factory=dict)  # request id -> exec id
 
 
 class ShimMonitor:
@@ -272,6 +344,10 @@ class ShimMonitor:
         """Stop watching (before a deliberate shim.delete)."""
         self._command("unwatch", key)
 
+    def watch_exec(self, key: Key, exec_id: str) -> None:
+        """Learn the exit of an exec'd process of a watched task."""
+        self._command("watch_exec", (key, exec_id))
+
     def _command(self, op: str, arg: Any) -> None:
         self._commands.put((op, arg))
         os.eventfd_write(self._wake, 1)
@@ -305,9 +381,20 @@ class ShimMonitor:
                     reply = codec.unpack(parts[0])
                 except MoordError:
                     continue
-                if not isinstance(reply, dict) or reply.get("id") != watch.request_id:
+                if not isinstance(reply, dict):
                     continue
                 body = reply.get("payload") or {}
+                exec_id = watch.exec_waits.pop(str(reply.get("id")), None)
+                if exec_id is not None:
+                    if reply.get("kind") == codec.ERROR:
+                        log.warning("shim %s/%s refused wait for %s: %s", *watch.key, exec_id, body)
+                        continue
+                    self._notify(
+                        ExecExited(watch.key, exec_id, int(body.get("exit_status", 0)), float(body.get("exited_at", 0.0)))
+                    )
+                    continue
+                if reply.get("id") != watch.request_id:
+                    continue
                 if reply.get("kind") == codec.ERROR:
                     log.warning("shim %s/%s refused wait: %s", *watch.key, body)
                     return False
@@ -342,6 +429,15 @@ class ShimMonitor:
                                 poller.register(pidfd, zmq.POLLIN)
                             elif op == "unwatch":
                                 drop(arg)
+                            elif op == "watch_exec":
+                                key, exec_id = arg
+                                watch = watches.get(key)
+                                if watch is None:
+                                    continue  # its shim is gone: ShimGone covers the execs too
+                                request_id = f"wait-{os.getpid()}-{key[0]}/{key[1]}/{exec_id}-{time.monotonic_ns()}"
+                                payload = {"exec_id": exec_id}
+                                watch.sock.send(codec.request_frame(request_id, "shim.wait", payload, key[0], 0.0))
+                                watch.exec_waits[request_id] = exec_id
                     elif isinstance(item, int):
                         key = by_fd.get(item)
                         if key is None:
@@ -401,9 +497,10 @@ class RuntimeActor(ServiceActor):
         """Leave the shims running; stop our threads and the zygote."""
         for task in self.tasks.values():
             task.disconnect()
-            for ctx in task.waiters:
-                ctx.fail(Unavailable("the runtime is stopping; wait again after it restarts"))
-            task.waiters.clear()
+            for waited in [task, *task.execs.values()]:
+                for ctx in waited.waiters:
+                    ctx.fail(Unavailable("the runtime is stopping; wait again after it restarts"))
+                waited.waiters.clear()
         if self.monitor is not None:
             self.monitor.stop()
         self.zygote.stop()
@@ -415,6 +512,11 @@ class RuntimeActor(ServiceActor):
             task = self.tasks.get(message.key)
             if task is not None and task.status != "stopped":
                 self._stopped(task, message.exit_status, message.exited_at)
+        elif isinstance(message, ExecExited):
+            task = self.tasks.get(message.key)
+            proc = task.execs.get(message.exec_id) if task is not None else None
+            if proc is not None and proc.status != "stopped":
+                self._exec_stopped(proc, message.exit_status, message.exited_at)
         elif isinstance(message, ShimGone):
             task = self.tasks.get(message.key)
             if task is not None:
@@ -435,15 +537,20 @@ class RuntimeActor(ServiceActor):
         if os.path.lexists(bundle):
             raise AlreadyExists(f"task {cid}: a bundle exists already at {bundle}")
         container = self.client.call("containers.get", {"id": cid}, namespace=ns)["container"]
+        binary = self._runtime_binary(container.get("runtime") or {}, request.options)
         spec = self._task_spec(ns, cid, container.get("spec") or b"", bool(request.rootfs))
+        process = spec.get("process")
+        if isinstance(process, dict):
+            process["terminal"] = request.terminal  # the runtime refuses a mismatch with the console socket
         os.makedirs(os.path.join(bundle, ROOTFS_DIR), mode=0o711)
         # Not fsynced: a bundle lost in a crash belongs to a task that never started.
         write_atomic(os.path.join(bundle, CONFIG_FILE), json.dumps(spec).encode(), 0o644, durable=False)
+        write_atomic(os.path.join(bundle, RUNTIME_FILE), binary.encode(), 0o644, durable=False)
         shim_config = ShimConfig(
             namespace=ns,
             container_id=cid,
             state=self.config.state,
-            runtime=self.runtime,
+            runtime=binary,
             ipc_dir=self.config.ipc_dir,
             debug=self.config.plugins.runtime.shim_debug,
         )
@@ -451,7 +558,8 @@ class RuntimeActor(ServiceActor):
         try:
             spawned = self.zygote.spawn(shim_config)
             log.debug("shim %s/%s ready in %.1f ms", ns, cid, spawned.ready_ms)
-            task = Task(ns, cid, bundle, shim_config.socket_path, spawned.pid)
+            task = Task(ns, cid, bundle, shim_config.socket_path, spawned.pid, runtime=binary)
+            task.cgroups_path = str(spec.get("linux", {}).get("cgroupsPath", ""))
             shim_request = ShimCreate(
                 rootfs=request.rootfs,
                 stdin=request.stdin,
@@ -486,7 +594,21 @@ class RuntimeActor(ServiceActor):
     @handles("tasks.start")
     def start_task(self, request: StartTask, ctx: CallContext) -> PidReply:
         """Start a created task."""
-        task = self._task(ctx.namespace, request.container_id, request.exec_id)
+        task = self._task(ctx.namespace, request.container_id)
+        if request.exec_id:
+            proc = self._exec(task, request.exec_id)
+            if proc.status != "created":
+                raise FailedPrecondition(f"process {proc.exec_id} is {proc.status}, not created")
+            reply = self._shim_call(task, "shim.start", {"exec_id": proc.exec_id})
+            proc.pid, proc.status = int(reply["pid"]), "running"
+            assert self.monitor is not None
+            self.monitor.watch_exec(task.key, proc.exec_id)
+            self.events.publish(
+                "/tasks/exec-started",
+                task.namespace,
+                TaskExecStarted(container_id=task.container_id, exec_id=proc.exec_id, pid=proc.pid),
+            )
+            return PidReply(pid=proc.pid)
         if task.status != "created":
             raise FailedPrecondition(f"task {task.container_id} is {task.status}, not created")
         self._shim_call(task, "shim.start", {})
@@ -497,26 +619,33 @@ class RuntimeActor(ServiceActor):
     @handles("tasks.wait")
     def wait(self, request: WaitTask, ctx: CallContext) -> Any:
         """Answer when the task has exited (now if it has); never blocks the actor."""
-        task = self._task(ctx.namespace, request.container_id, request.exec_id)
-        if task.status == "stopped":
-            return WaitReply(exit_status=task.exit_status, exited_at=task.exited_at)
-        task.waiters = [w for w in task.waiters if not w.expired()]
-        task.waiters.append(ctx)
+        task = self._task(ctx.namespace, request.container_id)
+        waited: Task | ExecState = self._exec(task, request.exec_id) if request.exec_id else task
+        if waited.status == "stopped":
+            return WaitReply(exit_status=waited.exit_status, exited_at=waited.exited_at)
+        waited.waiters = [w for w in waited.waiters if not w.expired()]
+        waited.waiters.append(ctx)
         return DEFERRED
 
     @handles("tasks.kill")
     def kill(self, request: KillTask, ctx: CallContext) -> Empty:
         """Signal the task's init (or all its processes)."""
-        task = self._task(ctx.namespace, request.container_id, request.exec_id)
-        if not task.shim_alive or (task.status == "stopped" and not request.all):
+        task = self._task(ctx.namespace, request.container_id)
+        if request.exec_id:
+            proc = self._exec(task, request.exec_id)
+            if not task.shim_alive or proc.status == "stopped":
+                raise NotFound(f"process {proc.exec_id} already finished")
+        elif not task.shim_alive or (task.status == "stopped" and not request.all):
             raise NotFound(f"process {task.pid} already finished")
-        self._shim_call(task, "shim.kill", {"signal": request.signal, "all": request.all})
+        self._shim_call(task, "shim.kill", {"exec_id": request.exec_id, "signal": request.signal, "all": request.all})
         return Empty()
 
     @handles("tasks.get")
     def get(self, request: GetTask, ctx: CallContext) -> ProcessReply:
         """A task's state."""
-        task = self._task(ctx.namespace, request.container_id, request.exec_id)
+        task = self._task(ctx.namespace, request.container_id)
+        if request.exec_id:
+            return ProcessReply(process=self._exec(task, request.exec_id).process(task.container_id))
         return ProcessReply(process=task.process())
 
     @handles("tasks.list")
@@ -531,7 +660,9 @@ class RuntimeActor(ServiceActor):
     def delete(self, request: DeleteTask, ctx: CallContext) -> DeleteTaskReply:
         """Delete a created or stopped task: the shim removes runc's state and the mount, then exits."""
         task = self._task(ctx.namespace, request.container_id)
-        if task.status == "running":
+        if request.exec_id:
+            return self._delete_exec(task, request.exec_id)
+        if task.status in ("running", "paused"):
             raise FailedPrecondition(f"task {task.container_id} must be stopped before deletion")
         assert self.monitor is not None
         self.monitor.unwatch(task.key)
@@ -564,11 +695,140 @@ class RuntimeActor(ServiceActor):
         )
         return DeleteTaskReply(id=task.container_id, pid=task.pid, exit_status=task.exit_status, exited_at=task.exited_at)
 
+    def _delete_exec(self, task: Task, exec_id: str) -> DeleteTaskReply:
+        proc = self._exec(task, exec_id)
+        if proc.status == "running":
+            raise FailedPrecondition(f"process {exec_id} must be stopped before deletion")
+        if task.shim_alive:
+            try:
+                self._shim_call(task, "shim.delete", {"exec_id": exec_id})
+            except NotFound:
+                pass  # the shim restarted its bookkeeping or never had it: nothing to free
+        del task.execs[exec_id]
+        return DeleteTaskReply(id=exec_id, pid=proc.pid, exit_status=proc.exit_status, exited_at=proc.exited_at)
+
+    @handles("tasks.exec")
+    def exec_process(self, request: ExecProcess, ctx: CallContext) -> Empty:
+        """Add a process to a running task; tasks.start with its exec_id runs it."""
+        task = self._task(ctx.namespace, request.container_id)
+        if task.status not in ("running", "paused") or not task.shim_alive:
+            raise FailedPrecondition(f"task {task.container_id} is {task.status}: cannot exec")
+        if request.exec_id in task.execs:
+            raise AlreadyExists(f"process {request.exec_id} already exists in task {task.container_id}")
+        self._shim_call(task, "shim.exec", request.model_dump(exclude={"container_id"}))
+        task.execs[request.exec_id] = ExecState(
+            request.exec_id,
+            stdin=request.stdin,
+            stdout=request.stdout,
+            stderr=request.stderr,
+            terminal=request.terminal,
+        )
+        self.events.publish(
+            "/tasks/exec-added", task.namespace, TaskExecAdded(container_id=task.container_id, exec_id=request.exec_id)
+        )
+        return Empty()
+
+    @handles("tasks.pids")
+    def pids(self, request: ListPids, ctx: CallContext) -> PidsReply:
+        """Every process in the task's container."""
+        task = self._live(ctx.namespace, request.container_id)
+        return PidsReply.model_validate(self._shim_call(task, "shim.pids", {}))
+
+    @handles("tasks.pause")
+    def pause(self, request: PauseTask, ctx: CallContext) -> Empty:
+        """Freeze the task."""
+        task = self._live(ctx.namespace, request.container_id)
+        if task.status != "running":
+            raise FailedPrecondition(f"task {task.container_id} is {task.status}, not running")
+        self._shim_call(task, "shim.pause", {})
+        task.status = "paused"
+        self.events.publish("/tasks/paused", task.namespace, TaskPaused(container_id=task.container_id))
+        return Empty()
+
+    @handles("tasks.resume")
+    def resume(self, request: ResumeTask, ctx: CallContext) -> Empty:
+        """Thaw a paused task."""
+        task = self._live(ctx.namespace, request.container_id)
+        if task.status != "paused":
+            raise FailedPrecondition(f"task {task.container_id} is {task.status}, not paused")
+        self._shim_call(task, "shim.resume", {})
+        task.status = "running"
+        self.events.publish("/tasks/resumed", task.namespace, TaskResumed(container_id=task.container_id))
+        return Empty()
+
+    @handles("tasks.update")
+    def update(self, request: UpdateTask, ctx: CallContext) -> Empty:
+        """Change the task's resources (OCI LinuxResources)."""
+        task = self._live(ctx.namespace, request.container_id)
+        self._shim_call(task, "shim.update", {"resources": request.resources})
+        return Empty()
+
+    @handles("tasks.metrics")
+    def metrics(self, request: TaskMetrics, ctx: CallContext) -> MetricsReply:
+        """The task's cgroup statistics, read here from the cgroup files (no shim round trip)."""
+        task = self._live(ctx.namespace, request.container_id)
+        if not task.cgroups_path:
+            raise FailedPrecondition(f"task {task.container_id} has no cgroup")
+        try:
+            if not cgroups.exists(task.cgroups_path):
+                raise NotFound(f"the cgroup of task {task.container_id} is gone")
+            data = cgroups.metrics(task.cgroups_path)
+        except ValueError as exc:
+            raise FailedPrecondition(str(exc)) from None
+        return MetricsReply.model_validate({"container_id": task.container_id, **data})
+
+    @handles("tasks.resize_pty")
+    def resize_pty(self, request: ResizePty, ctx: CallContext) -> Empty:
+        """Set a terminal's window size."""
+        task = self._live(ctx.namespace, request.container_id)
+        if request.exec_id:
+            self._exec(task, request.exec_id)
+        payload = {"exec_id": request.exec_id, "width": request.width, "height": request.height}
+        self._shim_call(task, "shim.resize_pty", payload)
+        return Empty()
+
+    @handles("tasks.close_io")
+    def close_io(self, request: CloseIO, ctx: CallContext) -> Empty:
+        """Close a process's stdin."""
+        task = self._live(ctx.namespace, request.container_id)
+        if request.exec_id:
+            self._exec(task, request.exec_id)
+        if request.stdin:
+            self._shim_call(task, "shim.close_io", {"exec_id": request.exec_id})
+        return Empty()
+
     # -- helpers --------------------------------------------------------------------
 
-    def _task(self, namespace: str, container_id: str, exec_id: str = "") -> Task:
-        if exec_id:
-            raise Unimplemented("exec'd processes are not supported yet")
+    def _exec(self, task: Task, exec_id: str) -> ExecState:
+        proc = task.execs.get(exec_id)
+        if proc is None:
+            raise NotFound(f"process {exec_id} not found in task {task.container_id}")
+        return proc
+
+    def _live(self, namespace: str, container_id: str) -> Task:
+        """A task whose shim is still there (stopped tasks have nothing left to act on)."""
+        task = self._task(namespace, container_id)
+        if not task.shim_alive or task.status == "stopped":
+            raise FailedPrecondition(f"task {container_id} is stopped")
+        return task
+
+    def _runtime_binary(self, runtime: dict[str, Any], options: dict[str, Any] | None) -> str:
+        """The OCI runtime binary: create options, then the container's runtime options and name, then config."""
+        chosen = ""
+        for source in (options or {}, runtime.get("options") or {}):
+            if not isinstance(source, dict):
+                continue
+            value = source.get("binary_name") or source.get("BinaryName") or ""
+            if value:
+                chosen = str(value)
+                break
+        if not chosen and str(runtime.get("name", "")) in CRUN_RUNTIME_NAMES:
+            chosen = "crun"
+        binary = chosen or self.runtime
+        runtime_name(binary)  # InvalidArgument for anything but runc or crun
+        return binary
+
+    def _task(self, namespace: str, container_id: str) -> Task:
         task = self.tasks.get((namespace, container_id))
         if task is None:
             raise NotFound(f"task {container_id} not found in namespace {namespace}")
@@ -605,7 +865,20 @@ class RuntimeActor(ServiceActor):
                 raise Unavailable(f"the shim of task {task.container_id} is gone") from None
             raise
 
+    def _exec_stopped(self, proc: ExecState, exit_status: int, exited_at: float) -> None:
+        proc.status = "stopped"
+        proc.exit_status = exit_status
+        proc.exited_at = exited_at
+        reply = WaitReply(exit_status=exit_status, exited_at=exited_at)
+        waiters, proc.waiters = proc.waiters, []
+        for ctx in waiters:
+            ctx.reply(reply)
+
     def _stopped(self, task: Task, exit_status: int, exited_at: float) -> None:
+        # The init's exit ends every exec'd process (the pid namespace goes with it).
+        for proc in task.execs.values():
+            if proc.status != "stopped":
+                self._exec_stopped(proc, UNKNOWN_EXIT_STATUS if proc.status == "running" else 0, exited_at)
         task.status = "stopped"
         task.exit_status = exit_status
         task.exited_at = exited_at
@@ -645,8 +918,9 @@ class RuntimeActor(ServiceActor):
     def _cleanup_runtime(self, task: Task) -> None:
         """What a dead shim would have done: kill and delete runc's container, unmount the rootfs."""
         try:
+            root = runtime_root(self.config.state, task.namespace, task.runtime)
             subprocess.run(
-                [self.runtime, "--root", runc_root(self.config.state, task.namespace), "delete", "--force", task.container_id],
+                runtime_command(task.runtime, root, "delete", "--force", task.container_id),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
@@ -674,7 +948,13 @@ class RuntimeActor(ServiceActor):
         rootfs = os.path.join(bundle, ROOTFS_DIR)
         if is_mountpoint(rootfs):
             raise Internal(f"{rootfs} is still mounted; not removing the bundle")
-        for name in BUNDLE_FILES:
+        names = list(BUNDLE_FILES)
+        try:
+            # Left by a shim that died between writing an exec's process file and runc reading it.
+            names += [n for n in os.listdir(bundle) if n.startswith(EXEC_FILE_PREFIX) and n.endswith((".json", ".pid"))]
+        except FileNotFoundError:
+            pass
+        for name in names:
             try:
                 os.unlink(os.path.join(bundle, name))
             except FileNotFoundError:
@@ -723,7 +1003,8 @@ class RuntimeActor(ServiceActor):
         if address and shim_is_alive(shim_pid, ns, cid):
             connection = ShimConnection(address, ns)
             try:
-                state = connection.call("shim.state", {}, REATTACH_TIMEOUT)["process"]
+                reply = connection.call("shim.state", {}, REATTACH_TIMEOUT)
+                state = {**reply["process"], "execs": reply.get("execs") or []}
             except MoordError as exc:
                 log.warning("shim %s/%s did not answer: %s", ns, cid, exc)
             finally:
@@ -732,6 +1013,8 @@ class RuntimeActor(ServiceActor):
 
     def _adopt(self, probe: _Probe) -> None:
         task = Task(probe.namespace, probe.container_id, probe.bundle, probe.address, probe.shim_pid)
+        task.runtime = (read_small(os.path.join(probe.bundle, RUNTIME_FILE)) or "").strip() or self.runtime
+        task.cgroups_path = spec_cgroups_path(probe.bundle)
         state = probe.state
         if state is not None and state.get("status") in ("created", "running", "stopped", "paused"):
             task.pid = int(state.get("pid", 0))
@@ -740,10 +1023,26 @@ class RuntimeActor(ServiceActor):
             task.terminal = bool(state.get("terminal", False))
             task.exit_status = int(state.get("exit_status", 0))
             task.exited_at = float(state.get("exited_at", 0.0))
+            for item in state.get("execs") or []:
+                proc = ExecState(
+                    str(item["id"]),
+                    pid=int(item.get("pid", 0)),
+                    status=str(item.get("status", "created")),
+                    stdin=item.get("stdin", ""),
+                    stdout=item.get("stdout", ""),
+                    stderr=item.get("stderr", ""),
+                    terminal=bool(item.get("terminal", False)),
+                    exit_status=int(item.get("exit_status", 0)),
+                    exited_at=float(item.get("exited_at", 0.0)),
+                )
+                task.execs[proc.exec_id] = proc
             self.tasks[task.key] = task
             if task.status != "stopped":
                 assert self.monitor is not None
                 self.monitor.watch(task.key, task.address, task.shim_pid)
+                for proc in task.execs.values():
+                    if proc.status == "running":
+                        self.monitor.watch_exec(task.key, proc.exec_id)
             log.info("re-attached to %s/%s (%s)", *task.key, task.status)
             return
         init_pid = (read_small(os.path.join(probe.bundle, INIT_PID_FILE)) or "").strip()

@@ -97,6 +97,39 @@ class TaskDelete(Message):
     exited_at: float = 0.0
 
 
+class TaskOOM(Message):
+    """/tasks/oom"""
+
+    container_id: str
+
+
+class TaskPaused(Message):
+    """/tasks/paused"""
+
+    container_id: str
+
+
+class TaskResumed(Message):
+    """/tasks/resumed"""
+
+    container_id: str
+
+
+class TaskExecAdded(Message):
+    """/tasks/exec-added"""
+
+    container_id: str
+    exec_id: str
+
+
+class TaskExecStarted(Message):
+    """/tasks/exec-started"""
+
+    container_id: str
+    exec_id: str
+    pid: int
+
+
 class SnapshotPrepare(Message):
     """/snapshot/prepare"""
 

@@ -182,6 +182,9 @@ def build_spec(
     cwd: str = "",
     user: str = "",
     cgroup_parent: str = DEFAULT_CGROUP_PARENT,
+    memory_limit: int = 0,
+    cpus: float = 0.0,
+    pids_limit: int = 0,
 ) -> dict[str, Any]:
     """The spec for a container: defaults, then the image config, then the caller's options.
 
@@ -215,7 +218,31 @@ def build_spec(
         spec["hostname"] = hostname
     if readonly_rootfs:
         spec["root"]["readonly"] = True
+    spec["linux"]["resources"].update(resources(memory_limit=memory_limit, cpus=cpus, pids_limit=pids_limit))
     return spec
+
+
+CPU_PERIOD_US = 100000
+
+
+def resources(memory_limit: int = 0, cpus: float = 0.0, pids_limit: int = 0) -> dict[str, Any]:
+    """OCI LinuxResources for limits (0 = none): bytes of memory, CPUs, number of tasks.
+
+    The memory limit also caps memory+swap, so a container over its limit is OOM-killed
+    rather than swapped out.
+    """
+    result: dict[str, Any] = {}
+    if memory_limit < 0 or cpus < 0 or pids_limit < 0:
+        raise InvalidArgument("resource limits must not be negative")
+    if memory_limit:
+        if memory_limit < 4096 * 16:
+            raise InvalidArgument(f"memory limit {memory_limit} is below 64 KiB")
+        result["memory"] = {"limit": memory_limit, "swap": memory_limit}
+    if cpus:
+        result["cpu"] = {"quota": max(1000, int(cpus * CPU_PERIOD_US)), "period": CPU_PERIOD_US}
+    if pids_limit:
+        result["pids"] = {"limit": pids_limit}
+    return result
 
 
 def resolve_user(user: str, rootfs: str | None = None) -> tuple[int, int, list[int]]:

@@ -1,10 +1,11 @@
 """moord-shim: one process per container, detached from the daemon, owning runc for it.
 
-The shim is the container init's parent (child subreaper), so it alone can learn the
-exit status. It is single-threaded: one loop polls its ROUTER endpoint and a signal
-wakeup pipe (SIGCHLD). runc runs synchronously through subprocess, and exits are reaped
-only in the loop (waitpid(-1, WNOHANG)), never while a runc child is outstanding, so a
-reap can never steal runc's own exit status.
+The shim is the parent of the container's init and of its exec'd processes (child
+subreaper), so it alone can learn their exit statuses. It is single-threaded: one loop
+polls its ROUTER endpoint, a signal wakeup pipe (SIGCHLD), the OOM eventfd and the fds
+of its copy loops. runc runs synchronously through subprocess, and exits are reaped only
+in the loop (waitpid(-1, WNOHANG)), never while a runc child is outstanding, so a reap
+can never steal runc's own exit status.
 
 Bundle layout (containerd's runtime v2 layout, plus our files):
   <state>/io.containerd.runtime.v2.task/<ns>/<id>/
@@ -12,10 +13,16 @@ Bundle layout (containerd's runtime v2 layout, plus our files):
     address      the shim's ipc address  shim.pid  the shim's pid
     init.pid     the container init's    exit      {"pid","exit_status","exited_at"}
     log.json     runc's log (json)       shim.log  the shim's own stderr
+    runtime      the OCI runtime binary (runc or crun)
 
-stdio is passed through: the shim opens the FIFOs and hands them to runc as the
-container's fds 0-2, then closes its copies. Log files and copy loops (needed for
-reconnecting clients and terminals) come in a later issue.
+stdio: FIFOs are passed through (the shim opens them and hands them to runc as the
+process's fds 0-2, then closes its copies), which costs nothing per byte. Copy loops run
+only where they must: a `file://` log URI (a pipe to the file) and a terminal (the pty
+master, received over runc's console socket, to and from the FIFOs). An exit is
+announced once its process's output is flushed (or after IO_FLUSH_SECONDS).
+
+crun 1.8.1 refuses a hybrid cgroup layout, so a crun shim first moves to a private mount
+namespace and unmounts /sys/fs/cgroup/unified there (the v1 controllers stay).
 """
 
 from __future__ import annotations
@@ -27,10 +34,12 @@ import json
 import logging
 import os
 import signal
+import socket
 import stat
+import struct
 import subprocess
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import zmq
@@ -38,10 +47,9 @@ import zmq
 from moord.linux.files import read_small, write_atomic
 from moord.linux.process import PR_SET_CHILD_SUBREAPER, prctl
 from moord.messages import envelope as codec
-from moord.messages.base import Envelope, KindSpec, Message, validate_payload
+from moord.messages.base import Empty, KindSpec, Message
 from moord.messages.errors import (
     AlreadyExists,
-    DeadlineExceeded,
     FailedPrecondition,
     Internal,
     InvalidArgument,
@@ -49,9 +57,24 @@ from moord.messages.errors import (
     NotFound,
     Unimplemented,
 )
-from moord.messages.registry import KINDS
-from moord.messages.shim import ShimCreate, ShimDelete, ShimKill, ShimStart, ShimState, ShimWait
-from moord.messages.tasks import DeleteTaskReply, PidReply, Process, ProcessReply, WaitReply
+from moord.messages.requests import decode_request, request_id_of
+from moord.messages.shim import (
+    ShimCloseIO,
+    ShimCreate,
+    ShimDelete,
+    ShimExec,
+    ShimKill,
+    ShimPause,
+    ShimPids,
+    ShimResizePty,
+    ShimResume,
+    ShimStart,
+    ShimState,
+    ShimStateReply,
+    ShimUpdate,
+    ShimWait,
+)
+from moord.messages.tasks import DeleteTaskReply, PidReply, PidsReply, Process, ProcessInfo, WaitReply
 
 log = logging.getLogger("moord.shim")
 
@@ -65,11 +88,26 @@ CONFIG_FILE = "config.json"
 ROOTFS_DIR = "rootfs"
 RUNC_LOG_FILE = "log.json"
 SHIM_LOG_FILE = "shim.log"
+RUNTIME_FILE = "runtime"
+EXEC_FILE_PREFIX = "exec-"  # exec-<id>.json / exec-<id>.pid, removed once runc has read them
 TITLE_PREFIX = "moord-shim: "
+FILE_URI = "file://"
 # How often the idle loop checks that its bundle still exists (a removed bundle means
 # nobody will ever delete us: clean up and exit rather than leak).
 IDLE_CHECK_SECONDS = 2.0
 RUNC_TIMEOUT = 60.0
+# After a process exits, how long its output may still drain before the exit is
+# announced anyway (a daemonised grandchild can hold the pipe open for ever).
+IO_FLUSH_SECONDS = 2.0
+CONSOLE_TIMEOUT = 10.0
+COPY_CHUNK = 65536
+COPY_BUFFER_LIMIT = 1 << 20  # stop reading a source while this much waits for a slow reader
+KNOWN_RUNTIMES = ("runc", "crun")
+CGROUP_UNIFIED = "/sys/fs/cgroup/unified"
+CLONE_NEWNS = 0x00020000
+MS_REC = 0x4000
+MS_PRIVATE = 1 << 18
+MNT_DETACH = 2
 
 
 # -- the bundle on disk (shared with the runtime actor) ------------------------------
@@ -86,9 +124,40 @@ def shim_socket_path(state: str, namespace: str, container_id: str) -> str:
     return os.path.join(state, SOCKETS_DIR, f"{digest}.sock")
 
 
+def runtime_name(binary: str) -> str:
+    """Which OCI runtime a binary is ("runc" or "crun"); anything else is refused."""
+    name = os.path.basename(binary)
+    if name not in KNOWN_RUNTIMES or (os.sep in binary and not os.path.isabs(binary)):
+        raise InvalidArgument(f"unsupported OCI runtime {binary!r}: want one of {', '.join(KNOWN_RUNTIMES)}")
+    return name
+
+
+def runtime_root(state: str, namespace: str, binary: str = "runc") -> str:
+    """The OCI runtime's state root for a namespace (one per runtime: their formats differ)."""
+    return os.path.join(state, runtime_name(binary), namespace)
+
+
 def runc_root(state: str, namespace: str) -> str:
     """runc's state root for a namespace."""
-    return os.path.join(state, "runc", namespace)
+    return runtime_root(state, namespace, "runc")
+
+
+def runtime_command(binary: str, root: str, *args: str) -> list[str]:
+    """The command line running the OCI runtime from a process outside its shim.
+
+    crun needs the cgroup v2 mount out of sight on a hybrid host, which a multi-threaded
+    process (the runtime actor) cannot arrange for itself: util-linux unshare does it.
+    """
+    command = [binary, "--root", root, *args]
+    if runtime_name(binary) == "crun" and hybrid_cgroups():
+        script = f"umount -l {CGROUP_UNIFIED} 2>/dev/null; exec \"$@\""
+        return ["unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-c", script, "sh", *command]
+    return command
+
+
+def hybrid_cgroups() -> bool:
+    """Whether this host mounts cgroup v1 controllers beside a v2 tree at /sys/fs/cgroup/unified."""
+    return os.path.isdir(os.path.join(CGROUP_UNIFIED, "")) and os.path.ismount(CGROUP_UNIFIED)
 
 
 def read_exit(bundle: str) -> dict[str, Any] | None:
@@ -139,6 +208,17 @@ def runc_error(bundle: str, fallback: str) -> str:
     return message or fallback.strip() or "runtime failed"
 
 
+def spec_cgroups_path(bundle: str) -> str:
+    """The cgroupsPath of the bundle's spec ("" if none)."""
+    try:
+        with open(os.path.join(bundle, CONFIG_FILE), "rb") as fh:
+            spec = json.load(fh)
+        path = spec.get("linux", {}).get("cgroupsPath", "")
+    except (OSError, ValueError, AttributeError):
+        return ""
+    return path if isinstance(path, str) else ""
+
+
 # -- configuration -------------------------------------------------------------------
 
 
@@ -165,8 +245,8 @@ class ShimConfig:
 
     @property
     def runtime_root(self) -> str:
-        """runc --root for this namespace."""
-        return runc_root(self.state, self.namespace)
+        """--root of the OCI runtime for this namespace."""
+        return runtime_root(self.state, self.namespace, self.runtime)
 
     @property
     def title(self) -> str:
@@ -186,13 +266,271 @@ class ShimConfig:
             raise InvalidArgument(f"bad shim config: {exc}") from None
 
 
-_DEFERRED = object()
+# -- copying bytes -----------------------------------------------------------------------
+
+
+class Copier:
+    """Moves bytes from a non-blocking source fd to a destination fd inside the poll loop.
+
+    The destination is non-blocking too; up to COPY_BUFFER_LIMIT waits for a slow
+    reader, then the source is no longer read (back-pressure reaches the container).
+    A reader that went away (EPIPE) makes the copier discard, so the container never
+    blocks on a dead client.
+    """
+
+    def __init__(self, src: int, dst: int, owns_src: bool = True, owns_dst: bool = True) -> None:
+        self.src = src
+        self.dst = dst
+        self.owns_src = owns_src
+        self.owns_dst = owns_dst
+        self.buffer = bytearray()
+        self.eof = False
+        self.discard = False
+        self.closed = False
+
+    @property
+    def done(self) -> bool:
+        """The source ended and everything was written (or discarded)."""
+        return self.closed or (self.eof and not self.buffer)
+
+    def wants_read(self) -> bool:
+        """Whether the loop should poll the source."""
+        return not self.closed and not self.eof and len(self.buffer) < COPY_BUFFER_LIMIT
+
+    def wants_write(self) -> bool:
+        """Whether the loop should poll the destination."""
+        return not self.closed and bool(self.buffer)
+
+    def on_readable(self) -> None:
+        """Read what the source has."""
+        try:
+            data = os.read(self.src, COPY_CHUNK)
+        except BlockingIOError:
+            return
+        except OSError as exc:  # EIO: a pty master whose slave side closed
+            if exc.errno not in (errno.EIO, errno.EBADF):
+                log.warning("copy read: %s", exc)
+            self.eof = True
+            return
+        if not data:
+            self.eof = True
+            return
+        if not self.discard:
+            self.buffer += data
+            self.on_writable()
+
+    def on_writable(self) -> None:
+        """Write what is buffered."""
+        while self.buffer:
+            try:
+                written = os.write(self.dst, self.buffer)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EPIPE, errno.EIO, errno.EBADF):
+                    log.warning("copy write: %s", exc)
+                self.buffer.clear()
+                self.discard = True
+                return
+            del self.buffer[:written]
+
+    def close(self) -> None:
+        """Close the fds this copier owns."""
+        if self.closed:
+            return
+        self.closed = True
+        for fd, owned in ((self.src, self.owns_src), (self.dst, self.owns_dst)):
+            if owned and fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
+
+def _set_blocking(fd: int, blocking: bool) -> None:
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    fcntl.fcntl(fd, fcntl.F_SETFL, (flags & ~os.O_NONBLOCK) if blocking else (flags | os.O_NONBLOCK))
+
+
+def _open_stdio(path: str, mode: int, blocking: bool = True) -> int:
+    """Open one stdio end for a process: a FIFO path, or /dev/null when empty."""
+    if not path:
+        return os.open(os.devnull, mode | os.O_CLOEXEC)
+    if not os.path.isabs(path):
+        raise InvalidArgument(f"stdio path {path!r} must be absolute")
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        raise NotFound(f"stdio FIFO {path} does not exist") from None
+    # Only FIFOs: opening an arbitrary host file or device as root could harm the host.
+    if not stat.S_ISFIFO(info.st_mode):
+        raise InvalidArgument(f"stdio path {path} is not a FIFO")
+    try:
+        fd = os.open(path, mode | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:
+            raise FailedPrecondition(f"nobody reads the FIFO {path}: open its read end first") from None
+        raise InvalidArgument(f"cannot open {path}: {exc.strerror}") from None
+    if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise InvalidArgument(f"stdio path {path} is not a FIFO")
+    if blocking:  # a container expects ordinary blocking stdio
+        _set_blocking(fd, True)
+    return fd
+
+
+def _open_log_file(uri: str) -> int:
+    """Open (append, create) the file of a `file:///abs/path` log URI."""
+    path = uri[len(FILE_URI):]
+    if not path.startswith("/") or "\0" in path or any(p == ".." for p in path.split("/")):
+        raise InvalidArgument(f"log URI {uri!r} must be file:// followed by an absolute path")
+    os.makedirs(os.path.dirname(path) or "/", mode=0o755, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
+    except OSError as exc:
+        raise InvalidArgument(f"cannot open log file {path}: {exc.strerror}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise InvalidArgument(f"log file {path} is not a regular file")
+    return fd
+
+
+def _validate_stdio(stdin: str, stdout: str, stderr: str) -> None:
+    if stdin.startswith(FILE_URI):
+        raise InvalidArgument("stdin cannot be a file:// log URI")
+    for value in (stdout, stderr):
+        if "://" in value and not value.startswith(FILE_URI):
+            raise Unimplemented(f"log URI {value[:64]!r}: only file:// is supported")
+
+
+class _Stdio:
+    """The fds a runc create/exec gets, and the copy loops feeding or draining them."""
+
+    def __init__(self) -> None:
+        self.child: list[int] = []  # fds 0-2 for runc (closed here once runc has them)
+        self.copiers: list[Copier] = []
+        self.stdin_copier: Copier | None = None
+        self._opened: list[int] = []
+
+    def _own(self, fd: int) -> int:
+        self._opened.append(fd)
+        return fd
+
+    def child_fds(self) -> tuple[int, int, int]:
+        """fds 0, 1, 2 for runc."""
+        return self.child[0], self.child[1], self.child[2]
+
+    @classmethod
+    def plain(cls, stdin: str, stdout: str, stderr: str) -> "_Stdio":
+        """No terminal: FIFOs pass through; a file:// URI gets a pipe copied into the file."""
+        io = cls()
+        try:
+            io.child.append(io._own(_open_stdio(stdin, os.O_RDONLY)))
+            pipes: dict[str, int] = {}  # one pipe per log file: stdout and stderr may share it
+            for target in (stdout, stderr):
+                if target.startswith(FILE_URI):
+                    if target not in pipes:
+                        read_end, write_end = os.pipe2(os.O_CLOEXEC)
+                        io._own(write_end)
+                        _set_blocking(read_end, False)
+                        io.copiers.append(Copier(read_end, _open_log_file(target)))
+                        pipes[target] = write_end
+                    io.child.append(pipes[target])
+                else:
+                    io.child.append(io._own(_open_stdio(target, os.O_WRONLY)))
+        except BaseException:
+            io.close_all()
+            raise
+        return io
+
+    @classmethod
+    def terminal(cls, master: int, stdin: str, stdout: str) -> "_Stdio":
+        """A terminal: pty master -> stdout (FIFO, file or nowhere), stdin FIFO -> master."""
+        io = cls()
+        try:
+            if stdout.startswith(FILE_URI):
+                out = _open_log_file(stdout)
+            elif stdout:
+                out = _open_stdio(stdout, os.O_WRONLY, blocking=False)
+            else:
+                out = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+            _set_blocking(master, False)
+            # The master is shared by both copiers and closed with the process.
+            io.copiers.append(Copier(master, out, owns_src=False))
+            if stdin:
+                # Read-write, as containerd does: a FIFO without writers would read EOF at once.
+                source = _open_stdio(stdin, os.O_RDWR, blocking=False)
+                io.stdin_copier = Copier(source, master, owns_dst=False)
+        except BaseException:
+            io.close_all()
+            raise
+        return io
+
+    def release_child_fds(self) -> None:
+        """Close our copies of the fds runc got (so a pipe's reader sees EOF at the exit)."""
+        for fd in self._opened:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._opened.clear()
+        self.child.clear()
+
+    def close_all(self) -> None:
+        """Close everything (on failure, or when the process is gone)."""
+        self.release_child_fds()
+        for copier in self.copiers:
+            copier.close()
+        if self.stdin_copier is not None:
+            self.stdin_copier.close()
+
+
+# -- processes -----------------------------------------------------------------------
 
 
 @dataclass
 class _Waiter:
     identity: bytes
     request_id: str
+
+
+@dataclass
+class _Proc:
+    """The init (exec_id "") or one exec'd process."""
+
+    exec_id: str
+    status: str = "unknown"  # created -> running (-> paused, init only) -> stopped
+    pid: int = 0
+    stdio: tuple[str, str, str] = ("", "", "")
+    terminal: bool = False
+    spec: dict[str, Any] | None = None  # an exec's OCI process
+    exit_status: int = 0
+    exited_at: float = 0.0
+    reaped: bool = False  # waitpid has returned; the exit is announced once output is flushed
+    flush_deadline: float = 0.0
+    console: int = -1  # pty master
+    io: _Stdio | None = None
+    waiters: list[_Waiter] = field(default_factory=list)
+
+    def copiers(self) -> list[Copier]:
+        """The live copy loops of this process."""
+        if self.io is None:
+            return []
+        extra = [self.io.stdin_copier] if self.io.stdin_copier is not None else []
+        return [c for c in self.io.copiers + extra if not c.closed]
+
+    def output_flushed(self) -> bool:
+        """Whether every output copier has reached the end of its source."""
+        return self.io is None or all(c.done for c in self.io.copiers)
+
+    def close_io(self) -> None:
+        """Close copy loops and the console."""
+        if self.io is not None:
+            self.io.close_all()
+            self.io = None
+        if self.console >= 0:
+            os.close(self.console)
+            self.console = -1
 
 
 class Shim:
@@ -202,15 +540,12 @@ class Shim:
         self.config = config
         self.bundle = config.bundle
         self.rootfs = os.path.join(self.bundle, ROOTFS_DIR)
-        self.status = "unknown"  # created -> running -> stopped
-        self.pid = 0
-        self.exit_status = 0
-        self.exited_at = 0.0
-        self.stdio = ("", "", "")
-        self.terminal = False
+        self.init = _Proc("")
+        self.execs: dict[str, _Proc] = {}
         self.mounted = False
         self.done = False
-        self._waiters: list[_Waiter] = []
+        self.cgroups_path = ""
+        self._oom: Any = None
         self._context: zmq.Context | None = None
         self._router: zmq.Socket | None = None
         self._wake_r = -1
@@ -222,13 +557,33 @@ class Shim:
             "shim.wait": self.wait,
             "shim.kill": self.kill,
             "shim.delete": self.delete,
+            "shim.exec": self.exec,
+            "shim.pids": self.pids,
+            "shim.pause": self.pause,
+            "shim.resume": self.resume,
+            "shim.update": self.update,
+            "shim.resize_pty": self.resize_pty,
+            "shim.close_io": self.close_io,
         }
+
+    # The init's state, under the names the first shim used.
+    @property
+    def status(self) -> str:
+        """The init's status."""
+        return self.init.status
+
+    @property
+    def pid(self) -> int:
+        """The init's pid."""
+        return self.init.pid
 
     # -- setup ----------------------------------------------------------------------
 
     def bind(self) -> None:
         """Become the container's subreaper, bind the endpoint, and write address and pid files."""
         prctl(PR_SET_CHILD_SUBREAPER, 1)
+        if runtime_name(self.config.runtime) == "crun" and hybrid_cgroups():
+            hide_cgroup_v2()  # before any thread exists: unshare(CLONE_NEWNS) needs that
         import faulthandler
 
         faulthandler.register(signal.SIGUSR1, all_threads=True)  # stack dump into shim.log
@@ -268,18 +623,44 @@ class Shim:
 
     # -- loop -----------------------------------------------------------------------
 
+    def _processes(self) -> list[_Proc]:
+        return [self.init, *self.execs.values()]
+
     def serve(self) -> None:
-        """Serve requests and reap children until deleted (or orphaned by a removed bundle)."""
+        """Serve requests, copy I/O and reap children until deleted (or orphaned by a removed bundle)."""
         assert self._router is not None
-        poller = zmq.Poller()
-        poller.register(self._router, zmq.POLLIN)
-        poller.register(self._wake_r, zmq.POLLIN)
         last_check = time.monotonic()
         while not self.done:
-            ready = dict(poller.poll(int(IDLE_CHECK_SECONDS * 1000)))
+            poller = zmq.Poller()
+            poller.register(self._router, zmq.POLLIN)
+            poller.register(self._wake_r, zmq.POLLIN)
+            if self._oom is not None:
+                poller.register(self._oom.fd, zmq.POLLIN)
+            copiers = [c for p in self._processes() for c in p.copiers()]
+            interest: dict[int, int] = {}
+            for copier in copiers:
+                if copier.wants_read():
+                    interest[copier.src] = interest.get(copier.src, 0) | zmq.POLLIN
+                if copier.wants_write():
+                    interest[copier.dst] = interest.get(copier.dst, 0) | zmq.POLLOUT
+            for fd, flags in interest.items():
+                poller.register(fd, flags)
+            timeout = IDLE_CHECK_SECONDS
+            pending = [p.flush_deadline for p in self._processes() if p.reaped and p.status != "stopped"]
+            if pending:
+                timeout = max(0.0, min(timeout, min(pending) - time.monotonic()))
+            ready = dict(poller.poll(int(timeout * 1000)))
             if self._wake_r in ready:
                 self._drain_wakeups()
+            for copier in copiers:
+                if copier.wants_read() and copier.src in ready:
+                    copier.on_readable()
+                if copier.dst in ready and ready[copier.dst] & (zmq.POLLOUT | zmq.POLLERR) and copier.wants_write():
+                    copier.on_writable()
             self._reap()
+            self._settle()
+            if self._oom is not None and self._oom.fd in ready:
+                self._check_oom()
             if self._router in ready:
                 self._drain_requests()
             if time.monotonic() - last_check >= IDLE_CHECK_SECONDS:
@@ -305,35 +686,64 @@ class Shim:
                 return
             if pid == 0:
                 return
-            if pid == self.pid and self.status != "stopped":
-                self._init_exited(exit_status_of(status))
+            for proc in self._processes():
+                if proc.pid == pid and not proc.reaped:
+                    proc.reaped = True
+                    proc.exit_status = exit_status_of(status)
+                    proc.exited_at = time.time()
+                    proc.flush_deadline = time.monotonic() + IO_FLUSH_SECONDS
+                    break
             # Other pids are orphans re-parented to us (we are the subreaper): reaped, done.
 
-    def _init_exited(self, exit_status: int) -> None:
+    def _settle(self, force: bool = False) -> None:
+        """Announce exits whose output has been flushed (all of them when forced)."""
+        now = time.monotonic()
+        # Exec'd processes first, as containerd does: the init's exit ends the task.
+        for proc in [*self.execs.values(), self.init]:
+            if proc.reaped and proc.status != "stopped":
+                if force or proc.output_flushed() or now >= proc.flush_deadline:
+                    self._exited(proc)
+
+    def _exited(self, proc: _Proc) -> None:
         from moord.messages.events import TaskExit
 
-        self.status = "stopped"
-        self.exit_status = exit_status
-        self.exited_at = time.time()
-        try:
-            write_exit(self.bundle, self.pid, exit_status, self.exited_at)
-        except OSError:
-            log.exception("could not record the exit in %s", self.bundle)
-        log.info("init %d exited with %d", self.pid, exit_status)
+        if proc.io is not None:
+            for copier in proc.io.copiers:
+                copier.on_writable()  # last bytes, if the reader takes them
+        proc.close_io()
+        proc.status = "stopped"
+        if not proc.exec_id:
+            try:
+                write_exit(self.bundle, proc.pid, proc.exit_status, proc.exited_at)
+            except OSError:
+                log.exception("could not record the exit in %s", self.bundle)
+            if self._oom is not None:
+                self._check_oom()  # an OOM kill's notification may still be queued
+        log.info("%s %d exited with %d", proc.exec_id or "init", proc.pid, proc.exit_status)
         self._publish(
             "/tasks/exit",
             TaskExit(
                 container_id=self.config.container_id,
-                id=self.config.container_id,
-                pid=self.pid,
-                exit_status=exit_status,
-                exited_at=self.exited_at,
+                id=proc.exec_id or self.config.container_id,
+                pid=proc.pid,
+                exit_status=proc.exit_status,
+                exited_at=proc.exited_at,
             ),
         )
-        reply = WaitReply(exit_status=exit_status, exited_at=self.exited_at).model_dump()
-        waiters, self._waiters = self._waiters, []
+        reply = WaitReply(exit_status=proc.exit_status, exited_at=proc.exited_at).model_dump()
+        waiters, proc.waiters = proc.waiters, []
         for waiter in waiters:
             self._send(waiter.identity, waiter.request_id, reply)
+
+    def _check_oom(self) -> None:
+        from moord.messages.events import TaskOOM
+
+        if self._oom.fired():
+            log.info("OOM kill in %s", self.cgroups_path)
+            self._publish("/tasks/oom", TaskOOM(container_id=self.config.container_id))
+        elif self._oom.gone():
+            self._oom.close()
+            self._oom = None
 
     def _drain_requests(self) -> None:
         assert self._router is not None
@@ -345,34 +755,28 @@ class Shim:
             identity, frames = parts[0], parts[1:]
             request_id = ""
             try:
-                if not frames:
-                    raise InvalidArgument("empty request")
-                raw = codec.unpack(frames[0])
-                if isinstance(raw, dict) and isinstance(raw.get("id"), str):
-                    request_id = raw["id"]
-                envelope = validate_payload(_ENVELOPE_SPEC, raw if isinstance(raw, dict) else {})
-                assert isinstance(envelope, Envelope)
-                envelope.check_version()
-                if envelope.deadline and time.time() > envelope.deadline:
-                    raise DeadlineExceeded(f"{envelope.kind}: deadline passed before it arrived")
-                handler = self._handlers.get(envelope.kind)
-                spec = KINDS.get(envelope.kind)
-                if handler is None or spec is None:
-                    raise Unimplemented(f"the shim does not serve {envelope.kind[:128]!r}")
-                request = validate_payload(spec, envelope.payload)
+                decoded = decode_request(frames, self._accept)
+                request_id, envelope, request = decoded.request_id, decoded.envelope, decoded.message
+                handler = self._handlers[envelope.kind]
                 log.debug("%s %s", envelope.kind, request_id)
-                if envelope.kind == "shim.wait" and self.status != "stopped":
-                    self._waiters.append(_Waiter(identity, request_id))
-                    continue
+                if isinstance(request, ShimWait):
+                    proc = self._proc(request.exec_id)
+                    if proc.status != "stopped":
+                        proc.waiters.append(_Waiter(identity, request_id))
+                        continue
                 result = handler(request)
                 self._send(identity, request_id, result.model_dump())
             except MoordError as exc:
-                self._send(identity, request_id, exc.to_wire(), True)
+                self._send(identity, request_id or request_id_of(exc), exc.to_wire(), True)
             except Exception as exc:  # one bad request must not kill the shim
                 log.exception("request failed")
                 self._send(identity, request_id, Internal(f"{type(exc).__name__}: {exc}").to_wire(), True)
             if self.done:
                 return
+
+    def _accept(self, spec: KindSpec) -> None:
+        if spec.kind not in self._handlers:
+            raise Unimplemented(f"the shim does not serve {spec.kind[:128]!r}")
 
     def _send(self, identity: bytes, request_id: str, payload: Any, is_error: bool = False) -> None:
         assert self._router is not None
@@ -382,6 +786,11 @@ class Shim:
             log.debug("caller went away before its reply")
 
     def _close(self) -> None:
+        for proc in self._processes():
+            proc.close_io()
+        if self._oom is not None:
+            self._oom.close()
+            self._oom = None
         if self._router is not None:
             self._router.close(linger=1000)  # flush the delete reply
         if self._events is not None:
@@ -396,122 +805,343 @@ class Shim:
 
     # -- runc -----------------------------------------------------------------------
 
-    def _runc(self, *args: str, stdio: tuple[int, int, int] | None = None) -> subprocess.CompletedProcess[bytes]:
+    def _runc(
+        self, *args: str, stdio: tuple[int, int, int] | None = None, input_data: bytes | None = None
+    ) -> subprocess.CompletedProcess[bytes]:
         cmd = [self.config.runtime, "--root", self.config.runtime_root]
         if os.path.isdir(self.bundle):
             cmd += ["--log", os.path.join(self.bundle, RUNC_LOG_FILE), "--log-format", "json"]
         cmd += args
         if stdio is None:
             return subprocess.run(
-                cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=RUNC_TIMEOUT
+                cmd,
+                input=input_data,
+                stdin=None if input_data is not None else subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                timeout=RUNC_TIMEOUT,
             )
-        # runc's own messages go to its json log; the container's stdio are the FIFOs.
+        # runc's own messages go to its json log; the process's stdio are ours to give.
         return subprocess.run(cmd, stdin=stdio[0], stdout=stdio[1], stderr=stdio[2], timeout=RUNC_TIMEOUT)
 
     def _runc_failed(self, what: str, result: subprocess.CompletedProcess[bytes]) -> str:
         fallback = (result.stderr or b"").decode(errors="replace") if result.stderr else f"exit {result.returncode}"
         return f"{what}: {runc_error(self.bundle, fallback)}"
 
+    def _console_socket(self, name: str) -> tuple[socket.socket, str]:
+        """A listening unix socket runc sends the pty master to (short path under the sockets dir)."""
+        path = self.config.socket_path[: -len(".sock")] + f"-{name}.console"
+        if os.path.exists(path):
+            os.unlink(path)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        old_umask = os.umask(0o177)
+        try:
+            listener.bind(path)
+        finally:
+            os.umask(old_umask)
+        listener.listen(1)
+        return listener, path
+
+    @staticmethod
+    def _receive_console(listener: socket.socket, path: str) -> int:
+        """The pty master runc sent (SCM_RIGHTS); runc has already exited, so it is queued."""
+        listener.settimeout(CONSOLE_TIMEOUT)
+        try:
+            conn, _ = listener.accept()
+            with conn:
+                conn.settimeout(CONSOLE_TIMEOUT)
+                _, fds, _, _ = socket.recv_fds(conn, 4096, 4)
+        except OSError as exc:
+            raise Internal(f"no terminal from the runtime: {exc}") from None
+        finally:
+            listener.close()
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        if not fds:
+            raise Internal("the runtime sent no terminal")
+        for extra in fds[1:]:
+            os.close(extra)
+        os.set_inheritable(fds[0], False)
+        return fds[0]
+
+    def _run_with_stdio(self, proc: _Proc, args: list[str], name: str) -> None:
+        """runc create/exec with the process's stdio wired; sets proc.io and proc.console."""
+        stdin, stdout, stderr = proc.stdio
+        _validate_stdio(stdin, stdout, stderr)
+        listener: socket.socket | None = None
+        console_path = ""
+        io: _Stdio | None = None
+        null = -1
+        try:
+            if proc.terminal:
+                listener, console_path = self._console_socket(name)
+                null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+                stdio = (null, null, null)
+                args = args[:1] + ["--console-socket", console_path] + args[1:]
+            else:
+                io = _Stdio.plain(stdin, stdout, stderr)
+                stdio = io.child_fds()
+            result = self._runc(*args, stdio=stdio)
+            if io is not None:
+                io.release_child_fds()
+            if result.returncode != 0:
+                raise Internal(self._runc_failed(f"{os.path.basename(self.config.runtime)} {args[0]}", result))
+            if listener is not None:
+                proc.console = self._receive_console(listener, console_path)
+                listener = None
+                io = _Stdio.terminal(proc.console, stdin, stdout)
+            proc.io = io
+        except BaseException:
+            if io is not None:
+                io.close_all()
+            raise
+        finally:
+            if null >= 0:
+                os.close(null)
+            if listener is not None:
+                listener.close()
+                try:
+                    os.unlink(console_path)
+                except OSError:
+                    pass
+
     # -- handlers ---------------------------------------------------------------------
 
+    def _proc(self, exec_id: str) -> _Proc:
+        if not exec_id:
+            if self.init.status == "unknown":
+                raise NotFound(f"task {self.config.container_id} is not created")
+            return self.init
+        proc = self.execs.get(exec_id)
+        if proc is None:
+            raise NotFound(f"process {exec_id} does not exist in task {self.config.container_id}")
+        return proc
+
     def create(self, request: ShimCreate) -> PidReply:
-        """Mount the rootfs, open stdio and `runc create` the container."""
-        if self.status != "unknown":
+        """Mount the rootfs, wire stdio and `runc create` the container."""
+        if self.init.status != "unknown":
             raise AlreadyExists(f"task {self.config.container_id} is already created")
-        if request.terminal:
-            raise Unimplemented("terminal tasks need a console socket: not supported yet")
         if request.rootfs:
             from moord.linux.mount import mount_all
 
             os.makedirs(self.rootfs, mode=0o711, exist_ok=True)
             mount_all(request.rootfs, self.rootfs)
             self.mounted = True
-        fds: list[int] = []
+        proc = self.init
+        proc.stdio = (request.stdin, request.stdout, request.stderr)
+        proc.terminal = request.terminal
         try:
-            fds = [
-                _open_stdio(request.stdin, os.O_RDONLY),
-                _open_stdio(request.stdout, os.O_WRONLY),
-                _open_stdio(request.stderr, os.O_WRONLY),
-            ]
             pid_file = os.path.join(self.bundle, INIT_PID_FILE)
-            result = self._runc(
-                "create", "--bundle", self.bundle, "--pid-file", pid_file, self.config.container_id,
-                stdio=(fds[0], fds[1], fds[2]),
-            )
-            if result.returncode != 0:
-                raise Internal(self._runc_failed("runc create", result))
-            self.pid = int((read_small(pid_file) or "0").strip() or 0)
-            if self.pid <= 0:
+            args = ["create", "--bundle", self.bundle, "--pid-file", pid_file, self.config.container_id]
+            self._run_with_stdio(proc, args, "init")
+            proc.pid = int((read_small(pid_file) or "0").strip() or 0)
+            if proc.pid <= 0:
                 raise Internal("runc create wrote no init pid")
         except BaseException:
+            proc.close_io()
             self._teardown(force=True)
             raise
-        finally:
-            for fd in fds:
-                os.close(fd)
-        self.status = "created"
-        self.stdio = (request.stdin, request.stdout, request.stderr)
-        self.terminal = request.terminal
-        return PidReply(pid=self.pid)
+        proc.status = "created"
+        self._watch_oom()
+        return PidReply(pid=proc.pid)
+
+    def _watch_oom(self) -> None:
+        from moord.shims import cgroups
+
+        self.cgroups_path = spec_cgroups_path(self.bundle)
+        if not self.cgroups_path or cgroups.unified():
+            return  # v2: the oom_kill counter is read at the exit instead
+        try:
+            self._oom = cgroups.OomWatch(self.cgroups_path)
+        except (OSError, ValueError) as exc:
+            log.warning("no OOM notifications for %s: %s", self.cgroups_path, exc)
 
     def start(self, request: ShimStart) -> PidReply:
-        """`runc start`: run the user's process."""
-        if self.status != "created":
-            raise FailedPrecondition(f"task {self.config.container_id} is {self.status}, not created")
-        result = self._runc("start", self.config.container_id)
-        if result.returncode != 0:
-            raise Internal(self._runc_failed("runc start", result))
-        if self.status == "created":
-            self.status = "running"
-        return PidReply(pid=self.pid)
+        """`runc start` (init) or `runc exec --detach` (an exec'd process)."""
+        proc = self._proc(request.exec_id)
+        if proc.status != "created":
+            raise FailedPrecondition(f"process {request.exec_id or self.config.container_id} is {proc.status}, not created")
+        if not proc.exec_id:
+            result = self._runc("start", self.config.container_id)
+            if result.returncode != 0:
+                raise Internal(self._runc_failed("runc start", result))
+            if proc.status == "created":
+                proc.status = "running"
+            return PidReply(pid=proc.pid)
+        if self.init.status not in ("running", "paused") or self.init.reaped:
+            raise FailedPrecondition(f"task {self.config.container_id} is {self.init.status}: cannot exec")
+        process_file = os.path.join(self.bundle, f"{EXEC_FILE_PREFIX}{proc.exec_id}.json")
+        pid_file = os.path.join(self.bundle, f"{EXEC_FILE_PREFIX}{proc.exec_id}.pid")
+        spec = dict(proc.spec or {})
+        spec["terminal"] = proc.terminal  # runc insists the two agree
+        try:
+            write_atomic(process_file, json.dumps(spec).encode(), 0o600, durable=False)
+            args = ["exec", "--process", process_file, "--detach", "--pid-file", pid_file, self.config.container_id]
+            self._run_with_stdio(proc, args, f"exec-{proc.exec_id}")
+            proc.pid = int((read_small(pid_file) or "0").strip() or 0)
+            if proc.pid <= 0:
+                raise Internal("runc exec wrote no pid")
+        except BaseException:
+            proc.close_io()
+            raise
+        finally:
+            for path in (process_file, pid_file):
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+        proc.status = "running"
+        return PidReply(pid=proc.pid)
 
-    def state(self, request: ShimState | None = None) -> ProcessReply:
-        """The task's state."""
-        return ProcessReply(
-            process=Process(
-                container_id=self.config.container_id,
-                id=self.config.container_id,
-                pid=self.pid,
-                status=self.status,  # type: ignore[arg-type]
-                stdin=self.stdio[0],
-                stdout=self.stdio[1],
-                stderr=self.stdio[2],
-                terminal=self.terminal,
-                exit_status=self.exit_status,
-                exited_at=self.exited_at,
-            )
+    def _process(self, proc: _Proc) -> Process:
+        return Process(
+            container_id=self.config.container_id,
+            id=proc.exec_id or self.config.container_id,
+            pid=proc.pid,
+            status=proc.status,  # type: ignore[arg-type]
+            stdin=proc.stdio[0],
+            stdout=proc.stdio[1],
+            stderr=proc.stdio[2],
+            terminal=proc.terminal,
+            exit_status=proc.exit_status,
+            exited_at=proc.exited_at,
+        )
+
+    def state(self, request: ShimState | None = None) -> ShimStateReply:
+        """The init's state and every exec'd process's."""
+        return ShimStateReply(
+            process=self._process(self.init), execs=[self._process(p) for p in self.execs.values()]
         )
 
     def wait(self, request: ShimWait) -> WaitReply:
         """The exit (the loop parks waits that arrive before it)."""
-        return WaitReply(exit_status=self.exit_status, exited_at=self.exited_at)
+        proc = self._proc(request.exec_id)
+        return WaitReply(exit_status=proc.exit_status, exited_at=proc.exited_at)
 
     def kill(self, request: ShimKill) -> Message:
-        """`runc kill` the init (or every process with all=True)."""
-        from moord.messages.base import Empty
-
-        if self.status == "unknown":
-            raise NotFound(f"task {self.config.container_id} is not created")
-        if self.status == "stopped" and not request.all:
-            raise NotFound(f"process {self.pid} already finished")
+        """`runc kill` the init (or every process with all=True); kill(2) an exec'd process."""
+        proc = self._proc(request.exec_id)
+        if proc.exec_id:
+            if proc.pid <= 0:
+                raise FailedPrecondition(f"process {proc.exec_id} is not started")
+            if proc.reaped:
+                raise NotFound(f"process {proc.exec_id} already finished")
+            # Safe from pid reuse: an unreaped child's pid stays ours.
+            os.kill(proc.pid, request.signal)
+            return Empty()
+        if proc.reaped and not request.all:
+            raise NotFound(f"process {proc.pid} already finished")
         args = ["kill"] + (["--all"] if request.all else []) + [self.config.container_id, str(request.signal)]
         result = self._runc(*args)
         if result.returncode != 0:
             self._reap()
-            if self.status == "stopped":
-                raise NotFound(f"process {self.pid} already finished")
+            if proc.reaped:
+                if request.all:
+                    return Empty()
+                raise NotFound(f"process {proc.pid} already finished")
             raise Internal(self._runc_failed("runc kill", result))
         return Empty()
 
     def delete(self, request: ShimDelete) -> DeleteTaskReply:
-        """`runc delete`, unmount the rootfs, answer, then exit."""
-        if self.status == "running":
+        """Init: `runc delete`, unmount the rootfs, answer, then exit. Exec: forget the process."""
+        proc = self._proc(request.exec_id)
+        if proc.exec_id:
+            if proc.status == "running":
+                raise FailedPrecondition(f"process {proc.exec_id} must be stopped before deletion")
+            proc.close_io()
+            del self.execs[proc.exec_id]
+            return DeleteTaskReply(id=proc.exec_id, pid=proc.pid, exit_status=proc.exit_status, exited_at=proc.exited_at)
+        if proc.status in ("running", "paused"):
             raise FailedPrecondition(f"task {self.config.container_id} must be stopped before deletion")
-        self._teardown(force=self.status == "created")
+        self._teardown(force=proc.status == "created")
         self.done = True
-        return DeleteTaskReply(
-            id=self.config.container_id, pid=self.pid, exit_status=self.exit_status, exited_at=self.exited_at
+        return DeleteTaskReply(id=self.config.container_id, pid=proc.pid, exit_status=proc.exit_status, exited_at=proc.exited_at)
+
+    def exec(self, request: ShimExec) -> Message:
+        """Record an exec'd process; `start` runs it."""
+        if self.init.status not in ("running", "paused") or self.init.reaped:
+            raise FailedPrecondition(f"task {self.config.container_id} is {self.init.status}: cannot exec")
+        if request.exec_id in self.execs:
+            raise AlreadyExists(f"process {request.exec_id} already exists")
+        if not isinstance(request.spec.get("args"), list) or not request.spec["args"]:
+            raise InvalidArgument("the exec process spec needs args")
+        _validate_stdio(request.stdin, request.stdout, request.stderr)
+        self.execs[request.exec_id] = _Proc(
+            request.exec_id,
+            status="created",
+            stdio=(request.stdin, request.stdout, request.stderr),
+            terminal=request.terminal,
+            spec=request.spec,
         )
+        return Empty()
+
+    def pids(self, request: ShimPids) -> PidsReply:
+        """`runc ps`: the container's pids, each with the exec that started it."""
+        self._proc("")
+        result = self._runc("ps", "--format", "json", self.config.container_id)
+        if result.returncode != 0:
+            raise Internal(self._runc_failed("runc ps", result))
+        try:
+            pids = json.loads(result.stdout or b"[]") or []
+        except ValueError:
+            raise Internal("runc ps printed no JSON") from None
+        by_pid = {p.pid: p.exec_id for p in self.execs.values() if p.pid}
+        return PidsReply(processes=[ProcessInfo(pid=int(pid), exec_id=by_pid.get(int(pid), "")) for pid in pids])
+
+    def pause(self, request: ShimPause) -> Message:
+        """`runc pause`: freeze the container."""
+        if self._proc("").status != "running" or self.init.reaped:
+            raise FailedPrecondition(f"task {self.config.container_id} is {self.init.status}, not running")
+        result = self._runc("pause", self.config.container_id)
+        if result.returncode != 0:
+            raise Internal(self._runc_failed("runc pause", result))
+        self.init.status = "paused"
+        return Empty()
+
+    def resume(self, request: ShimResume) -> Message:
+        """`runc resume`: thaw the container."""
+        if self._proc("").status != "paused":
+            raise FailedPrecondition(f"task {self.config.container_id} is {self.init.status}, not paused")
+        result = self._runc("resume", self.config.container_id)
+        if result.returncode != 0:
+            raise Internal(self._runc_failed("runc resume", result))
+        self.init.status = "running"
+        return Empty()
+
+    def update(self, request: ShimUpdate) -> Message:
+        """`runc update --resources -` with an OCI LinuxResources object."""
+        if self._proc("").status not in ("created", "running", "paused"):
+            raise FailedPrecondition(f"task {self.config.container_id} is {self.init.status}")
+        data = json.dumps(request.resources).encode()
+        result = self._runc("update", "--resources", "-", self.config.container_id, input_data=data)
+        if result.returncode != 0:
+            raise InvalidArgument(self._runc_failed("runc update", result))
+        return Empty()
+
+    def resize_pty(self, request: ShimResizePty) -> Message:
+        """TIOCSWINSZ on the process's pty master."""
+        import termios
+
+        proc = self._proc(request.exec_id)
+        if proc.console < 0:
+            raise FailedPrecondition(f"process {request.exec_id or self.config.container_id} has no terminal")
+        fcntl.ioctl(proc.console, termios.TIOCSWINSZ, struct.pack("HHHH", request.height, request.width, 0, 0))
+        return Empty()
+
+    def close_io(self, request: ShimCloseIO) -> Message:
+        """Stop feeding the process's terminal from its stdin FIFO (FIFO stdin: the client closes it)."""
+        proc = self._proc(request.exec_id)
+        if proc.io is not None and proc.io.stdin_copier is not None:
+            proc.io.stdin_copier.close()
+            proc.io.stdin_copier = None
+            if proc.console >= 0:
+                try:
+                    os.write(proc.console, b"\x04")  # EOF for the line discipline, as a closed stdin
+                except OSError:
+                    pass
+        return Empty()
 
     def _teardown(self, force: bool) -> None:
         """Remove runc's container and unmount the rootfs; safe to repeat."""
@@ -519,6 +1149,11 @@ class Shim:
         if result.returncode != 0 and b"not exist" not in (result.stderr or b"") + _tail(self.bundle):
             log.warning("%s", self._runc_failed("runc delete", result))
         self._await_init(2.0)
+        for proc in self._processes():
+            proc.close_io()
+        if self._oom is not None:
+            self._oom.close()
+            self._oom = None
         from moord.linux.mount import is_mountpoint, unmount_all
 
         if self.mounted or is_mountpoint(self.rootfs):
@@ -527,48 +1162,39 @@ class Shim:
 
     def _await_init(self, seconds: float) -> None:
         """After a forced delete, collect the killed init's status (briefly)."""
-        if self.pid <= 0 or self.status == "stopped":
+        if self.init.pid <= 0 or self.init.status == "stopped":
             return
         deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline and self.status != "stopped":
+        while time.monotonic() < deadline and not self.init.reaped:
             self._reap()
-            if self.status != "stopped":
+            if not self.init.reaped:
                 time.sleep(0.01)
+        self._settle(force=True)
+
+
+def hide_cgroup_v2() -> None:
+    """Private mount namespace without /sys/fs/cgroup/unified (crun refuses hybrid hosts)."""
+    import ctypes
+
+    from moord.linux.libc import libc
+
+    if libc.unshare(CLONE_NEWNS) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, f"unshare(CLONE_NEWNS): {os.strerror(code)}")
+    # Private, so neither our unmount nor the rootfs mount reaches the host.
+    if libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, f"make-rprivate /: {os.strerror(code)}")
+    if libc.umount2(CGROUP_UNIFIED.encode(), MNT_DETACH) != 0:
+        code = ctypes.get_errno()
+        if code not in (errno.EINVAL, errno.ENOENT):
+            raise OSError(code, f"umount {CGROUP_UNIFIED}: {os.strerror(code)}")
 
 
 def _tail(bundle: str) -> bytes:
     return (read_small(os.path.join(bundle, RUNC_LOG_FILE)) or "")[-2000:].encode()
 
 
-def _open_stdio(path: str, mode: int) -> int:
-    """Open one stdio end for the container: a FIFO path, or /dev/null when empty."""
-    if not path:
-        return os.open(os.devnull, mode | os.O_CLOEXEC)
-    if not os.path.isabs(path):
-        raise InvalidArgument(f"stdio path {path!r} must be absolute")
-    try:
-        info = os.lstat(path)
-    except FileNotFoundError:
-        raise NotFound(f"stdio FIFO {path} does not exist") from None
-    # Only FIFOs: opening an arbitrary host file or device as root could harm the host.
-    if not stat.S_ISFIFO(info.st_mode):
-        raise InvalidArgument(f"stdio path {path} is not a FIFO")
-    try:
-        fd = os.open(path, mode | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as exc:
-        if exc.errno == errno.ENXIO:
-            raise FailedPrecondition(f"nobody reads the FIFO {path}: open its read end first") from None
-        raise InvalidArgument(f"cannot open {path}: {exc.strerror}") from None
-    if not stat.S_ISFIFO(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise InvalidArgument(f"stdio path {path} is not a FIFO")
-    # The container expects ordinary blocking stdio.
-    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-    fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_NONBLOCK)
-    return fd
-
-
-_ENVELOPE_SPEC = KindSpec("envelope", Envelope, Envelope)
 
 
 def run_shim(config: ShimConfig, ready_fd: int) -> None:

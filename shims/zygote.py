@@ -34,6 +34,8 @@ from moord.shims.shim import SHIM_LOG_FILE, ShimConfig, run_shim
 
 # Everything a shim imports lazily is loaded here once, so forked shims share it.
 import moord.linux.mount  # noqa: E402,F401
+import moord.messages.requests  # noqa: E402,F401
+import moord.shims.cgroups  # noqa: E402,F401
 
 ZYGOTE_TITLE = "moord-shim: zygote"
 SPAWN_TIMEOUT = 15.0

@@ -152,3 +152,17 @@ def test_imports_only_the_standard_library() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_resource_limits() -> None:
+    spec = oci.build_spec("ns", "c1", {"config": {"Cmd": ["sh"]}}, memory_limit=32 << 20, cpus=0.5, pids_limit=64)
+    res = spec["linux"]["resources"]
+    assert res["memory"] == {"limit": 32 << 20, "swap": 32 << 20}
+    assert res["cpu"] == {"quota": 50000, "period": 100000}
+    assert res["pids"] == {"limit": 64}
+    assert res["devices"] == [{"allow": False, "access": "rwm"}]
+    assert "memory" not in oci.build_spec("ns", "c1", {"config": {"Cmd": ["sh"]}})["linux"]["resources"]
+    with pytest.raises(InvalidArgument):
+        oci.resources(memory_limit=-1)
+    with pytest.raises(InvalidArgument):
+        oci.resources(memory_limit=1000)
