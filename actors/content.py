@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from moord.actors.base import DEFERRED, CallContext, ServiceActor, handles
+from moord.actors.content_gc import ContentGcSupport
 from moord.bus.client import Client
 from moord.bus.events import EventPublisher
 from moord.linux.files import fsync_dir, read_small, write_atomic
@@ -133,7 +134,7 @@ class WriterLock:
     last_seen: float
 
 
-class ContentActor(ServiceActor):
+class ContentActor(ContentGcSupport, ServiceActor):
     """Serves content.*: writes (stat/write/commit/close), reads, info, list, delete."""
 
     def __init__(self, root: str, client: Client, events: EventPublisher | None = None) -> None:

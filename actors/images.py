@@ -26,6 +26,7 @@ there the layer is streamed through `content.read`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
@@ -33,7 +34,7 @@ import os
 import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO, Callable, ContextManager
 
 from moord.actors import diff
 from moord.actors.base import DEFERRED, CallContext, ServiceActor, handles
@@ -155,20 +156,30 @@ class ImagesActor(ServiceActor):
         self.pool.submit(run)
         return DEFERRED
 
+    def _lease(self, ctx: CallContext) -> ContextManager[str]:
+        """The caller's lease, or a temporary one: a collection mid-import must not take
+        blobs and snapshots that nothing references yet."""
+        if ctx.lease:
+            return contextlib.nullcontext(ctx.lease)
+        return self.client.temporary_lease(ctx.namespace)
+
     @handles("transfer.import")
     def import_archive(self, request: ImportArchive, ctx: CallContext) -> object:
         """Import an OCI layout (directory or tar) and optionally unpack its images."""
-        session = _Session(self.client, ctx.namespace, ctx.lease)
-        return self._defer(ctx, lambda: import_layout(session, request, self.config.root))
+        def work() -> ImportReply:
+            with self._lease(ctx) as lease:
+                return import_layout(_Session(self.client, ctx.namespace, lease), request, self.config.root)
+
+        return self._defer(ctx, work)
 
     @handles("transfer.unpack")
     def unpack_image(self, request: UnpackImage, ctx: CallContext) -> object:
         """Unpack an image's layers for this host's platform."""
-        session = _Session(self.client, ctx.namespace, ctx.lease)
-
         def work() -> UnpackReply:
-            image = session.call("images.get", {"name": request.name})["image"]
-            return unpack(session, self.config.root, image["target"], request.snapshotter)
+            with self._lease(ctx) as lease:
+                session = _Session(self.client, ctx.namespace, lease)
+                image = session.call("images.get", {"name": request.name})["image"]
+                return unpack(session, self.config.root, image["target"], request.snapshotter)
 
         return self._defer(ctx, work)
 

@@ -9,11 +9,12 @@ Imports only pyzmq and msgpack: clients start fast.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import threading
 import time
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import zmq
 
@@ -125,6 +126,23 @@ class Client:
                 raise error_from_wire(reply.get("payload"))
             body = reply.get("payload")
             return (body if isinstance(body, dict) else {}), [p.buffer for p in parts[1:]]
+
+    @contextlib.contextmanager
+    def temporary_lease(self, namespace: str | None = None, expire_after: float = 24 * 3600.0) -> Iterator[str]:
+        """A lease for the duration of an operation, as ctr takes one: what the operation
+        creates cannot be collected before it is referenced. It expires by itself if the
+        caller dies; it is deleted (without a synchronous collection) at the end."""
+        expires = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + expire_after))
+        lease = self.call(
+            "leases.create", {"labels": {"containerd.io/gc.expire": expires}}, namespace=namespace
+        )["lease"]["id"]
+        try:
+            yield lease
+        finally:
+            try:
+                self.call("leases.delete", {"id": lease}, namespace=namespace)
+            except MoordError:
+                pass  # it expires by itself
 
     def _socket(self, path: str) -> zmq.Socket:
         sockets: dict[str, zmq.Socket] = self._local.__dict__.setdefault("sockets", {})

@@ -1,8 +1,9 @@
 """`moorctl run`: the same calls, in the same order, as `ctr run --rm`.
 
-Images.Get -> manifest/config -> Snapshots.Prepare(id, chainID) -> Containers.Create ->
-FIFOs -> Tasks.Create -> Tasks.Wait (in a thread, before Start) -> Tasks.Start -> copy
-stdio -> Tasks.Delete -> Snapshots.Remove -> Containers.Delete.
+Images.Get -> manifest/config -> Leases.Create -> Snapshots.Prepare(id, chainID) ->
+Containers.Create -> Leases.Delete -> FIFOs -> Tasks.Create -> Tasks.Wait (in a thread,
+before Start) -> Tasks.Start -> copy stdio -> Tasks.Delete -> Snapshots.Remove ->
+Containers.Delete.
 """
 
 from __future__ import annotations
@@ -111,27 +112,47 @@ def build_spec(opts: RunOptions, namespace: str, image_config: dict[str, Any]) -
 def run(client: Client, opts: RunOptions) -> int:
     """Run a container to completion (or start it detached); returns its exit status."""
     image = resolve(client, opts.image)
-    mounts = client.call(
-        "snapshots.prepare", {"snapshotter": opts.snapshotter, "key": opts.container_id, "parent": image.chain_id}
-    )["mounts"]
+    # As ctr: the snapshot is leased until the container record references it.
+    with client.temporary_lease() as lease:
+        mounts = client.call(
+            "snapshots.prepare",
+            {"snapshotter": opts.snapshotter, "key": opts.container_id, "parent": image.chain_id},
+            lease=lease,
+        )["mounts"]
+        try:
+            spec = build_spec(opts, client.namespace, image.config)
+            container = {
+                "id": opts.container_id,
+                "image": opts.image,
+                "runtime": {"name": opts.runtime},
+                "spec": spec,
+                "snapshotter": opts.snapshotter,
+                "snapshot_key": opts.container_id,
+            }
+            client.call("containers.create", {"container": container}, lease=lease)
+        except BaseException:
+            _call_quietly(client, "snapshots.remove", {"snapshotter": opts.snapshotter, "key": opts.container_id})
+            raise
+    return _run_task(client, opts, mounts)
+
+
+def _call_quietly(client: Client, kind: str, payload: dict[str, Any]) -> None:
+    try:
+        client.call(kind, payload)
+    except NotFound:
+        pass
+
+
+def _run_task(client: Client, opts: RunOptions, mounts: list[dict[str, Any]]) -> int:
+    """Create, start and wait for the task of a created container; clean up as asked."""
+    # ctr's order on the way out: task, then snapshot, then container record.
     cleanup: list[tuple[str, dict[str, Any]]] = [
-        ("snapshots.remove", {"snapshotter": opts.snapshotter, "key": opts.container_id})
+        ("snapshots.remove", {"snapshotter": opts.snapshotter, "key": opts.container_id}),
+        ("containers.delete", {"id": opts.container_id}),
     ]
     fifos: Fifos | None = None
     finished = False
     try:
-        spec = build_spec(opts, client.namespace, image.config)
-        container = {
-            "id": opts.container_id,
-            "image": opts.image,
-            "runtime": {"name": opts.runtime},
-            "spec": spec,
-            "snapshotter": opts.snapshotter,
-            "snapshot_key": opts.container_id,
-        }
-        client.call("containers.create", {"container": container})
-        # ctr's order on the way out: task, then snapshot, then container record.
-        cleanup.append(("containers.delete", {"id": opts.container_id}))
         if opts.detach:
             client.call("tasks.create", {"container_id": opts.container_id, "rootfs": mounts})
             client.call("tasks.start", {"container_id": opts.container_id})
@@ -171,10 +192,7 @@ def run(client: Client, opts: RunOptions) -> int:
         for kind, payload in cleanup:
             if keep and kind != "tasks.delete":
                 continue
-            try:
-                client.call(kind, payload)
-            except NotFound:
-                pass
+            _call_quietly(client, kind, payload)
 
 
 def _forward_signals(client: Client, container_id: str) -> None:

@@ -69,11 +69,30 @@ class RuntimeConfig(Section):
     shim_debug: bool = False
 
 
+class GcConfig(Section):
+    """Garbage collection: containerd's scheduler knobs (gc/scheduler), plus an expiry timer.
+
+    Durations are seconds. A collection runs `schedule_delay` after enough deletions
+    (`deletion_threshold`, 0: any) or mutations (`mutation_threshold`), at most as often
+    as keeps writes paused for `pause_threshold` of the time. containerd never collects
+    on an idle daemon; with `reap_expired` a timer also collects when a lease or ingest
+    expires.
+    """
+
+    pause_threshold: float = Field(default=0.02, ge=0.0, le=0.5)
+    deletion_threshold: int = Field(default=0, ge=0)
+    mutation_threshold: int = Field(default=100, ge=0)
+    schedule_delay: float = Field(default=0.0, ge=0.0)
+    startup_delay: float = Field(default=0.1, ge=0.0)
+    reap_expired: bool = True
+
+
 class PluginsConfig(Section):
     """Per-subsystem settings."""
 
     snapshotter: SnapshotterConfig = Field(default_factory=SnapshotterConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    gc: GcConfig = Field(default_factory=GcConfig)
 
 
 class Config(Section):

@@ -12,6 +12,8 @@ SERVICE_PROCESS: dict[str, str] = {
     "content": "content",
     "contentmeta": "metadata",
     "snapshots": "snapshotter",
+    "snapshotgc": "snapshotter",
+    "contentgc": "content",
     "transfer": "images",
     "tasks": "runtime",
     "events": "events",

@@ -1,4 +1,5 @@
-"""moord.actors.metadata: namespaces, images, containers and content ownership in SQLite."""
+"""moord.actors.metadata: namespaces, images, containers, leases and content ownership in
+SQLite, and the GC actor collecting over them."""
 
 from __future__ import annotations
 
@@ -9,8 +10,12 @@ if TYPE_CHECKING:
 
 
 def start(proc: ProcessContext) -> None:
-    """Open `<root>/io.containerd.metadata.v1.sqlite/meta.db` and serve the metadata kinds."""
+    """Open `<root>/io.containerd.metadata.v1.sqlite/meta.db`; serve the metadata and gc kinds."""
+    from moord.actors.gc import GcActor
     from moord.actors.metadata.actor import MetadataActor
     from moord.actors.metadata.schema import db_path_for
 
-    proc.serve(MetadataActor, db_path_for(proc.config.root), proc.events)
+    db_path = db_path_for(proc.config.root)
+    # Each actor has its own connection; the collector's write transaction is the pause.
+    collector = proc.serve(GcActor, db_path, proc.client, proc.config.plugins.gc)
+    proc.serve(MetadataActor, db_path, proc.events, collector)

@@ -2,26 +2,32 @@
 
 from __future__ import annotations
 
+import pykka
+
 from moord.actors.base import ServiceActor
 from moord.actors.metadata.containers import ContainersService
 from moord.actors.metadata.contentmeta import ContentOwnershipService
 from moord.actors.metadata.images import ImagesService
+from moord.actors.metadata.leases import LeasesService
 from moord.actors.metadata.namespaces import NamespacesService
 from moord.actors.metadata.schema import Database
 from moord.bus.events import EventPublisher
 
 
 class MetadataActor(
-    NamespacesService, ImagesService, ContainersService, ContentOwnershipService, ServiceActor
+    NamespacesService, ImagesService, ContainersService, LeasesService, ContentOwnershipService, ServiceActor
 ):
-    """Serves namespaces.*, images.*, containers.* and contentmeta.* from one database.
+    """Serves namespaces.*, images.*, containers.*, leases.* and contentmeta.* from one database.
 
     One actor owns the connection, so requests are serialised: each is one short
     transaction, and writes take SQLite's write lock up front.
     """
 
-    def __init__(self, db_path: str, events: EventPublisher | None = None) -> None:
+    def __init__(
+        self, db_path: str, events: EventPublisher | None = None, gc: pykka.ActorRef | None = None
+    ) -> None:
         super().__init__()
+        self.gc = gc  # the GC actor: told of every write, runs leases.delete's sync collection
         # Opened (and migrated) here, in the starting thread, so that a broken database
         # fails start() itself; afterwards only the actor's thread uses the connection.
         self.db = Database(db_path)

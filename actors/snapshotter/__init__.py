@@ -1,6 +1,6 @@
 """moord.actors.snapshotter: the overlayfs and native snapshotters behind snapshots.*.
 
-`start(proc)` serves one SnapshotterActor for both, rooted at `<config.root>`:
+`start(proc)` serves one SnapshotterActor (with lease and GC support) for both, rooted at `<config.root>`:
 `io.containerd.snapshotter.v1.overlayfs/` and `io.containerd.snapshotter.v1.native/`.
 """
 
@@ -14,6 +14,6 @@ if TYPE_CHECKING:
 
 def start(proc: "ProcessContext") -> None:
     """Start the snapshotter actor in this process and route snapshots.* to it."""
-    from moord.actors.snapshotter.actor import SnapshotterActor
+    from moord.actors.snapshotter.gc_support import LeasedSnapshotterActor
 
-    proc.serve(SnapshotterActor, proc.config.root, proc.events)
+    proc.serve(LeasedSnapshotterActor, proc.config.root, proc.events, proc.client)
