@@ -4,7 +4,7 @@ Layout (containerd's local store):
 
     <root>/io.containerd.content.v1.content/blobs/sha256/<hex>      committed, read-only
     <root>/io.containerd.content.v1.content/ingest/<sha256(ns, ref)>/
-        data ref namespace total expected startedat updatedat
+        data ref namespace total expected startedat   (updated: the data file's mtime)
 
 Blobs are shared on disk; which namespace sees which blob is recorded by the metadata
 process (`contentmeta.*`), and every info/read/update/list/delete goes through it. An
@@ -79,6 +79,14 @@ def blob_relpath(digest: str) -> str:
     return os.path.join("blobs", "sha256", match.group(1))
 
 
+def ingest_updated_at(path: str, started_at: float) -> float:
+    """When an ingest was last written: its data file's mtime (or its start)."""
+    try:
+        return os.stat(os.path.join(path, "data")).st_mtime
+    except FileNotFoundError:
+        return started_at
+
+
 def _read_small(path: str, default: str = "") -> str:
     text = read_small(path)
     return default if text is None else text
@@ -120,7 +128,7 @@ class Ingest:
         )
 
     def set_field(self, name: str, value: str) -> None:
-        """Persist one small field (total, expected, updatedat) next to the data."""
+        """Persist one small field (total, expected) next to the data."""
         # Rewritten per chunk: atomic, but not fsynced (the data file's fsync at commit is what counts).
         write_atomic(os.path.join(self.path, name), value, durable=False)
 
@@ -228,7 +236,7 @@ class ContentActor(ContentGcSupport, ServiceActor):
         ingest.total = int(_read_small(os.path.join(path, "total"), "0") or 0)
         ingest.expected = _read_small(os.path.join(path, "expected"))
         ingest.started_at = float(_read_small(os.path.join(path, "startedat"), "0") or 0)
-        ingest.updated_at = float(_read_small(os.path.join(path, "updatedat"), "0") or 0)
+        ingest.updated_at = ingest_updated_at(path, ingest.started_at)
         try:
             with open(ingest.data_path, "rb") as fh:
                 while chunk := fh.read(_READ_BUFFER):
@@ -248,7 +256,6 @@ class ContentActor(ContentGcSupport, ServiceActor):
         write_atomic(os.path.join(path, "ref"), ref)
         write_atomic(os.path.join(path, "namespace"), namespace)
         write_atomic(os.path.join(path, "startedat"), repr(at))
-        write_atomic(os.path.join(path, "updatedat"), repr(at))
         if total:
             ingest.set_field("total", str(total))
         if expected:
@@ -408,8 +415,8 @@ class ContentActor(ContentGcSupport, ServiceActor):
         finally:
             os.close(fd)
         ingest.offset = offset
+        # No file of its own: a restart reads it back from the data file's mtime.
         ingest.updated_at = time.time()
-        ingest.set_field("updatedat", repr(ingest.updated_at))
 
     def _commit(self, ingest: Ingest, req: ContentWrite, ctx: CallContext) -> WriteReply:
         total = req.total or ingest.total

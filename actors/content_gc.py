@@ -53,7 +53,10 @@ class ContentGcSupport:
             if cached is not None:
                 updated, expected = cached.updated_at, cached.expected
             else:
-                updated = float(_small(os.path.join(path, "updatedat")) or 0)
+                from moord.actors.content import ingest_updated_at
+
+                started = _small(os.path.join(path, "startedat"))
+                updated = ingest_updated_at(path, float(started or 0))
                 expected = _small(os.path.join(path, "expected"))
             ingests.append({"namespace": namespace, "ref": ref, "expected": expected, "updated_at": updated})
         return ContentWalk(blobs=blobs, ingests=ingests)  # type: ignore[arg-type]
