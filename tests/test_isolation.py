@@ -222,3 +222,13 @@ def test_same_container_id_runs_in_both_namespaces(imported: Daemon, a_state: di
     assert out.strip() == "hello from b"
     assert rows(moorctl(imported, b_ns, "containers", "ls")) == []
     assert_a_intact(imported, a_state)
+
+
+def test_a_namespace_holding_snapshots_cannot_be_deleted(daemon) -> None:
+    client = daemon.client(namespace="snapkeeper")
+    client.call("namespaces.create", {"namespace": {"name": "snapkeeper"}})
+    client.call("snapshots.prepare", {"key": "kept", "labels": {"containerd.io/gc.root": "yes"}})
+    result = daemon.moorctl("-n", "snapkeeper", "namespaces", "rm", "snapkeeper")
+    assert result.returncode != 0 and "snapshots" in result.stderr
+    client.call("snapshots.remove", {"key": "kept"})
+    assert daemon.moorctl("namespaces", "rm", "snapkeeper").returncode == 0

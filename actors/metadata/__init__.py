@@ -18,4 +18,4 @@ def start(proc: ProcessContext) -> None:
     db_path = db_path_for(proc.config.root)
     # Each actor has its own connection; the collector's write transaction is the pause.
     collector = proc.serve(GcActor, db_path, proc.client, proc.config.plugins.gc)
-    proc.serve(MetadataActor, db_path, proc.events, collector)
+    proc.serve(MetadataActor, db_path, proc.events, collector, proc.client)

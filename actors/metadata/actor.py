@@ -11,6 +11,7 @@ from moord.actors.metadata.images import ImagesService
 from moord.actors.metadata.leases import LeasesService
 from moord.actors.metadata.namespaces import NamespacesService
 from moord.actors.metadata.schema import Database
+from moord.bus.client import Client
 from moord.bus.events import EventPublisher
 
 
@@ -24,10 +25,15 @@ class MetadataActor(
     """
 
     def __init__(
-        self, db_path: str, events: EventPublisher | None = None, gc: pykka.ActorRef | None = None
+        self,
+        db_path: str,
+        events: EventPublisher | None = None,
+        gc: pykka.ActorRef | None = None,
+        client: Client | None = None,
     ) -> None:
         super().__init__()
         self.gc = gc  # the GC actor: told of every write, runs leases.delete's sync collection
+        self.client = client  # to ask the snapshotter process what a namespace still holds
         # Opened (and migrated) here, in the starting thread, so that a broken database
         # fails start() itself; afterwards only the actor's thread uses the connection.
         self.db = Database(db_path)

@@ -19,7 +19,7 @@ from moord.actors.metadata.schema import (
 )
 from moord.messages import filters
 from moord.messages.base import Empty
-from moord.messages.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from moord.messages.errors import AlreadyExists, FailedPrecondition, InvalidArgument, MoordError, NotFound, Unavailable
 from moord.messages.namespaces import (
     CreateNamespace,
     DeleteNamespace,
@@ -104,9 +104,25 @@ class NamespacesService(StoreBase):
         self.publish("/namespaces/update", name, {"name": name, "labels": labels})
         return NamespaceReply(namespace={"name": name, "labels": labels})
 
+    def _holds_snapshots(self, name: str) -> list[str]:
+        """["snapshots"] when a snapshotter still keeps snapshots of the namespace (they live in
+        the snapshotter's own database, so the snapshotter process is asked)."""
+        client = getattr(self, "client", None)
+        if client is None:
+            return []
+        for snapshotter in ("overlayfs", "native"):
+            try:
+                reply = client.call("snapshots.list", {"snapshotter": snapshotter}, namespace=name, timeout=3)
+            except MoordError as exc:
+                raise Unavailable(f'namespace "{name}": cannot check its snapshots: {exc.message}') from None
+            if reply.get("info"):
+                return ["snapshots"]
+        return []
+
     @handles("namespaces.delete")
     def delete_namespace(self, req: DeleteNamespace, ctx: CallContext) -> Empty:
         name = req.name
+        snapshots_held = self._holds_snapshots(name)
         with self.db.write() as conn:
             if not conn.execute(select(namespaces.c.name).where(namespaces.c.name == name)).first():
                 raise NotFound(f'namespace "{name}": not found')
@@ -114,7 +130,7 @@ class NamespacesService(StoreBase):
                 kind
                 for kind, table in (("images", images), ("blobs", content), ("containers", containers))
                 if conn.execute(select(exists().where(table.c.namespace == name))).scalar()
-            ]
+            ] + snapshots_held
             if held:
                 raise FailedPrecondition(f'namespace "{name}" must be empty, but it still has {", ".join(held)}')
             conn.execute(lease_resources.delete().where(lease_resources.c.namespace == name))
