@@ -63,6 +63,20 @@ def _container_dict(row: Any) -> dict[str, Any]:
     }
 
 
+_FILTER_VIEW_COLUMNS = (
+    containers.c.id,
+    containers.c.labels,
+    containers.c.image,
+    containers.c.runtime_name,
+    containers.c.snapshotter,
+)
+
+
+def _filter_view(row: Any) -> dict[str, Any]:
+    """The fields filters can name, from a row of _FILTER_VIEW_COLUMNS."""
+    return {"id": row[0], "labels": _unpack(row[1]), "image": row[2], "runtime": {"name": row[3]}, "snapshotter": row[4]}
+
+
 def _has_label(namespace: str) -> Any:
     def has_label(key: str, value: str | None) -> ColumnElement[bool]:
         owners = select(container_labels.c.id).where(
@@ -154,15 +168,23 @@ class ContainersService(StoreBase):
     def list_containers(self, req: ListContainers, ctx: CallContext) -> dict:
         flt = filters.parse(req.filters)
         condition, exact = prefilter(flt, _FILTER_COLUMNS, _has_label(ctx.namespace))
-        stmt = select(*_COLUMNS).where(containers.c.namespace == ctx.namespace)
+        in_namespace = containers.c.namespace == ctx.namespace
         if condition is not None:
-            stmt = stmt.where(condition)
+            in_namespace = in_namespace & condition
         with self.db.read() as conn:
-            rows = conn.execute(stmt.order_by(containers.c.id)).all()
-        found = [_container_dict(row) for row in rows]
-        if not exact:
-            found = [c for c in found if flt.match(container_lookup(c))]
-        return {"containers": found}
+            if not exact:
+                # What SQL could not decide (a regexp, say) is matched on the filterable
+                # columns alone; only the matches' whole records are read and decoded.
+                light = conn.execute(select(*_FILTER_VIEW_COLUMNS).where(in_namespace)).all()
+                ids = [row[0] for row in light if flt.match(container_lookup(_filter_view(row)))]
+                rows: list[Any] = []
+                for start in range(0, len(ids), 500):
+                    chunk = ids[start : start + 500]
+                    rows += conn.execute(select(*_COLUMNS).where(in_namespace, containers.c.id.in_(chunk))).all()
+                rows.sort(key=lambda row: row[0])
+            else:
+                rows = conn.execute(select(*_COLUMNS).where(in_namespace).order_by(containers.c.id)).all()
+        return {"containers": [_container_dict(row) for row in rows]}
 
     @handles("containers.create")
     def create_container(self, req: CreateContainer, ctx: CallContext) -> dict:
