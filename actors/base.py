@@ -123,3 +123,35 @@ class ServiceActor(pykka.ThreadingActor):
         """Messages that are not requests (timers, internal notices); override to use."""
         log.warning("%s ignored %r", type(self).__name__, message)
         return None
+
+
+class PooledServiceActor(ServiceActor):
+    """A ServiceActor whose long requests (imports, unpacks, diffs) run on a small worker
+    pool and answer later, so the actor keeps serving while they run."""
+
+    workers: ClassVar[int] = 2
+
+    def __init__(self) -> None:
+        super().__init__()
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix=f"{type(self).__name__}-work")
+
+    def on_stop(self) -> None:
+        """Let running work finish in the background; drop what has not started."""
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def run_later(self, ctx: CallContext, work: Callable[[], Any]) -> object:
+        """Run `work` on the pool and answer `ctx` with its result or error; returns DEFERRED."""
+
+        def run() -> None:
+            try:
+                ctx.reply(work())
+            except MoordError as exc:
+                ctx.fail(exc)
+            except Exception as exc:  # a worker must answer whatever happens
+                log.exception("%s failed", ctx.kind)
+                ctx.fail(Internal(f"{ctx.kind}: {type(exc).__name__}: {exc}"))
+
+        self.pool.submit(run)
+        return DEFERRED

@@ -350,7 +350,7 @@ def _clean(name: str) -> str:
 _SAFE_XATTR_PREFIXES = ("user.", "security.", "trusted.", "system.posix_acl_")
 
 
-def _xattr_allowed(key: str) -> bool:
+def xattr_allowed(key: str) -> bool:
     """Xattrs a layer may set: not trusted.overlay.* (they would steer overlayfs itself)."""
     return key.startswith(_SAFE_XATTR_PREFIXES) and not key.startswith("trusted.overlay.")
 
@@ -567,7 +567,7 @@ class _Applier:
 
     def set_xattrs(self, target: int | str, xattrs: dict[str, bytes], rel: str) -> None:
         for key, value in xattrs.items():
-            if not _xattr_allowed(key):
+            if not xattr_allowed(key):
                 log.warning("%s: xattr %s ignored", rel, key)
                 continue
             try:

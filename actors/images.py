@@ -33,18 +33,16 @@ import logging
 import os
 import secrets
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, BinaryIO, Callable, ContextManager
 
 from moord.actors import diff
-from moord.actors.base import DEFERRED, CallContext, ServiceActor, handles
+from moord.actors.base import CallContext, PooledServiceActor, handles
 from moord.bus.client import Client
 from moord.config.model import Config
 from moord.messages.content import MAX_CHUNK_BYTES
 from moord.messages.errors import (
     AlreadyExists,
     FailedPrecondition,
-    Internal,
     InvalidArgument,
     MoordError,
     NotFound,
@@ -67,7 +65,7 @@ WORKERS = 2
 LOCKED_RETRY_SECONDS = 30.0
 
 
-class _Session:
+class Session:
     """Calls to the other processes on behalf of one request (its namespace and lease)."""
 
     def __init__(self, client: Client, namespace: str, lease: str) -> None:
@@ -98,7 +96,7 @@ class _Session:
 class ContentStream(io.RawIOBase):
     """A blob read sequentially through content.read (4 MiB per round trip)."""
 
-    def __init__(self, session: _Session, digest: str) -> None:
+    def __init__(self, session: Session, digest: str) -> None:
         super().__init__()
         self._session = session
         self._digest = digest
@@ -130,31 +128,15 @@ def blob_path(root: str, digest: str) -> str:
     return os.path.join(root, CONTENT_DIR, "blobs", "sha256", digest_hex(digest))
 
 
-class ImagesActor(ServiceActor):
+class ImagesActor(PooledServiceActor):
     """Serves transfer.import and transfer.unpack."""
+
+    workers = WORKERS
 
     def __init__(self, config: Config, client: Client) -> None:
         super().__init__()
         self.config = config
         self.client = client
-        self.pool = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="images-work")
-
-    def on_stop(self) -> None:
-        """Let running work finish in the background; drop what has not started."""
-        self.pool.shutdown(wait=False, cancel_futures=True)
-
-    def _defer(self, ctx: CallContext, work: Callable[[], Any]) -> object:
-        def run() -> None:
-            try:
-                ctx.reply(work())
-            except MoordError as exc:
-                ctx.fail(exc)
-            except Exception as exc:  # a worker must answer whatever happens
-                log.exception("%s failed", ctx.kind)
-                ctx.fail(Internal(f"{ctx.kind}: {type(exc).__name__}: {exc}"))
-
-        self.pool.submit(run)
-        return DEFERRED
 
     def _lease(self, ctx: CallContext) -> ContextManager[str]:
         """The caller's lease, or a temporary one: a collection mid-import must not take
@@ -168,26 +150,26 @@ class ImagesActor(ServiceActor):
         """Import an OCI layout (directory or tar) and optionally unpack its images."""
         def work() -> ImportReply:
             with self._lease(ctx) as lease:
-                return import_layout(_Session(self.client, ctx.namespace, lease), request, self.config.root)
+                return import_layout(Session(self.client, ctx.namespace, lease), request, self.config.root)
 
-        return self._defer(ctx, work)
+        return self.run_later(ctx, work)
 
     @handles("transfer.unpack")
     def unpack_image(self, request: UnpackImage, ctx: CallContext) -> object:
         """Unpack an image's layers for this host's platform."""
         def work() -> UnpackReply:
             with self._lease(ctx) as lease:
-                session = _Session(self.client, ctx.namespace, lease)
+                session = Session(self.client, ctx.namespace, lease)
                 image = session.call("images.get", {"name": request.name})["image"]
                 return unpack(session, self.config.root, image["target"], request.snapshotter)
 
-        return self._defer(ctx, work)
+        return self.run_later(ctx, work)
 
 
 # -- import ---------------------------------------------------------------------------
 
 
-def write_blob(session: _Session, digest: str, size: int, open_stream: Callable[[], BinaryIO], labels: dict[str, str]) -> bool:
+def write_blob(session: Session, digest: str, size: int, open_stream: Callable[[], BinaryIO], labels: dict[str, str]) -> bool:
     """Put a blob into the content store (labels set at commit); False when it was there already."""
     ref = f"import-{digest}"
     writer = f"images-{os.getpid()}-{secrets.token_hex(8)}"
@@ -249,7 +231,7 @@ def _media_type(desc: dict[str, Any], doc: dict[str, Any]) -> str:
     return str(media_type)
 
 
-def import_tree(session: _Session, layout: OciLayout, desc: dict[str, Any], depth: int = 0) -> None:
+def import_tree(session: Session, layout: OciLayout, desc: dict[str, Any], depth: int = 0) -> None:
     """Write a descriptor's blob and everything below it, children first."""
     if depth > 4:
         raise InvalidArgument(f"{layout.path}: indexes nested too deep")
@@ -282,7 +264,7 @@ def _wire_descriptor(desc: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def save_image(session: _Session, name: str, target: dict[str, Any]) -> Image:
+def save_image(session: Session, name: str, target: dict[str, Any]) -> Image:
     """images.create, or images.update of the target when the name exists."""
     record = {"name": name, "target": _wire_descriptor(target), "labels": {}}
     try:
@@ -292,7 +274,7 @@ def save_image(session: _Session, name: str, target: dict[str, Any]) -> Image:
     return Image.model_validate(reply["image"])
 
 
-def import_layout(session: _Session, request: ImportArchive, root: str) -> ImportReply:
+def import_layout(session: Session, request: ImportArchive, root: str) -> ImportReply:
     """transfer.import: the whole import, then the unpack of each image when asked."""
     if not os.path.isabs(request.path):
         raise InvalidArgument(f"import path must be absolute, got {request.path!r}")
@@ -326,7 +308,7 @@ def import_layout(session: _Session, request: ImportArchive, root: str) -> Impor
 # -- unpack ---------------------------------------------------------------------------
 
 
-def read_document(session: _Session, desc: dict[str, Any], what: str) -> dict[str, Any]:
+def read_document(session: Session, desc: dict[str, Any], what: str) -> dict[str, Any]:
     """An index, manifest or config from the content store (at most 4 MiB, digest checked)."""
     digest = desc["digest"]
     chunks: list[bytes] = []
@@ -348,7 +330,7 @@ def read_document(session: _Session, desc: dict[str, Any], what: str) -> dict[st
         raise InvalidArgument(str(exc)) from None
 
 
-def resolve_manifest(session: _Session, target: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+def resolve_manifest(session: Session, target: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """The manifest for this host's platform below `target`, and its config: (manifest, config)."""
     desc = {"mediaType": target.get("media_type", target.get("mediaType", "")), "digest": target["digest"]}
     wanted = oci.host_platform()
@@ -366,7 +348,7 @@ def resolve_manifest(session: _Session, target: dict[str, Any]) -> tuple[dict[st
     return manifest, config
 
 
-def open_layer(session: _Session, root: str, layer: dict[str, Any]) -> tuple[BinaryIO, bool]:
+def open_layer(session: Session, root: str, layer: dict[str, Any]) -> tuple[BinaryIO, bool]:
     """A stream of a layer blob this namespace owns: (stream, read straight from the file)."""
     session.call("content.info", {"digest": layer["digest"]})  # NotFound unless this namespace owns it
     try:
@@ -388,7 +370,7 @@ def apply_onto_mounts(stream: BinaryIO, mounts: list[dict[str, Any]]) -> diff.Ap
         return diff.apply_layer(stream, target, mode=diff.MODE_NATIVE)
 
 
-def unpack_layer(session: _Session, root: str, snapshotter: str, layer: dict[str, Any], diff_id: str, chain: str, parent: str) -> bool:
+def unpack_layer(session: Session, root: str, snapshotter: str, layer: dict[str, Any], diff_id: str, chain: str, parent: str) -> bool:
     """Unpack one layer as committed snapshot `chain`; False when it existed already."""
     key = f"extract-{time.time_ns()}-{secrets.token_hex(4)} {chain}"
     labels = {LABEL_SNAPSHOT_REF: chain}
@@ -415,7 +397,7 @@ def unpack_layer(session: _Session, root: str, snapshotter: str, layer: dict[str
     return True
 
 
-def _remove_quietly(session: _Session, snapshotter: str, key: str) -> None:
+def _remove_quietly(session: Session, snapshotter: str, key: str) -> None:
     try:
         session.call("snapshots.remove", {"snapshotter": snapshotter, "key": key}, timeout=60)
     except MoordError as exc:
@@ -423,7 +405,7 @@ def _remove_quietly(session: _Session, snapshotter: str, key: str) -> None:
             log.warning("could not remove snapshot %s: %s", key, exc)
 
 
-def unpack(session: _Session, root: str, target: dict[str, Any], snapshotter: str) -> UnpackReply:
+def unpack(session: Session, root: str, target: dict[str, Any], snapshotter: str) -> UnpackReply:
     """transfer.unpack for one image target: every layer as a committed snapshot."""
     manifest, config = resolve_manifest(session, target)
     layers = [validate_descriptor(layer, "manifest layers") for layer in manifest.get("layers", [])]
@@ -449,5 +431,8 @@ def unpack(session: _Session, root: str, target: dict[str, Any], snapshotter: st
 
 
 def start(proc: Any) -> None:
-    """Serve the transfer kinds in the images process."""
+    """Serve the transfer and diff kinds in the images process."""
+    from moord.actors.diff_service import DiffActor
+
     proc.serve(ImagesActor, proc.config, proc.client)
+    proc.serve(DiffActor, proc.config, proc.client)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from moord.messages import (  # noqa: F401  (imported for their @request declarations)
     containers,
     content,
+    diff,
     events,
     gc,
     images,

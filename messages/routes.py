@@ -15,6 +15,7 @@ SERVICE_PROCESS: dict[str, str] = {
     "snapshotgc": "snapshotter",
     "contentgc": "content",
     "transfer": "images",
+    "diff": "images",
     "tasks": "runtime",
     "events": "events",
     "supervisor": "supervisor",

@@ -299,7 +299,7 @@ def test_layer_read_paths_measured(stack: Stack) -> None:
 
     data = os.urandom(64 * 1024 * 1024)
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
-    session = images._Session(stack.client, NS, "")
+    session = images.Session(stack.client, NS, "")
     images.write_blob(session, digest, len(data), lambda: io.BytesIO(data), {})
 
     start = time.perf_counter()
