@@ -124,6 +124,23 @@ CRUN_RUNTIME_NAMES = ("crun", "io.containerd.crun.v2", "io.containerd.crun.v1")
 Key = tuple[str, str]
 
 
+def process_view(container_id: str, process_id: str, proc: Any) -> Process:
+    """A task's init or exec'd process (anything with pid, status, stdio, exit fields) as
+    the tasks API shows it."""
+    return Process(
+        container_id=container_id,
+        id=process_id,
+        pid=proc.pid,
+        status=proc.status,
+        stdin=proc.stdin,
+        stdout=proc.stdout,
+        stderr=proc.stderr,
+        terminal=proc.terminal,
+        exit_status=proc.exit_status,
+        exited_at=proc.exited_at,
+    )
+
+
 @dataclass
 class ExecState:
     """An exec'd process of a task."""
@@ -141,18 +158,7 @@ class ExecState:
 
     def process(self, container_id: str) -> Process:
         """The exec'd process as the tasks API shows it."""
-        return Process(
-            container_id=container_id,
-            id=self.exec_id,
-            pid=self.pid,
-            status=self.status,  # type: ignore[arg-type]
-            stdin=self.stdin,
-            stdout=self.stdout,
-            stderr=self.stderr,
-            terminal=self.terminal,
-            exit_status=self.exit_status,
-            exited_at=self.exited_at,
-        )
+        return process_view(container_id, self.exec_id, self)
 
 
 @dataclass
@@ -197,19 +203,8 @@ class Task:
         return (self.namespace, self.container_id)
 
     def process(self) -> Process:
-        """The task as the tasks API shows it."""
-        return Process(
-            container_id=self.container_id,
-            id=self.container_id,
-            pid=self.pid,
-            status=self.status,  # type: ignore[arg-type]
-            stdin=self.stdin,
-            stdout=self.stdout,
-            stderr=self.stderr,
-            terminal=self.terminal,
-            exit_status=self.exit_status,
-            exited_at=self.exited_at,
-        )
+        """The task (its init process) as the tasks API shows it."""
+        return process_view(self.container_id, self.container_id, self)
 
 
 @dataclass
