@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import threading
@@ -61,6 +62,7 @@ from moord.messages.events import (
 from moord.messages.shim import ShimCreate
 from moord.messages.tasks import (
     UNKNOWN_EXIT_STATUS,
+    CheckpointTask,
     CloseIO,
     CreateTask,
     CreateTaskReply,
@@ -791,6 +793,14 @@ class RuntimeActor(ServiceActor):
         if request.stdin:
             self._shim_call(task, "shim.close_io", {"exec_id": request.exec_id})
         return Empty()
+
+    @handles("tasks.checkpoint")
+    def checkpoint(self, request: CheckpointTask, ctx: CallContext) -> Empty:
+        """Checkpoint a task: needs CRIU on this host; not implemented yet either way."""
+        self._live(ctx.namespace, request.container_id)  # an unknown or stopped task is reported as such first
+        if shutil.which("criu") is None:
+            raise Unimplemented("checkpoint needs CRIU, which is not installed on this host")
+        raise Unimplemented("checkpoint is not implemented yet")
 
     # -- helpers --------------------------------------------------------------------
 

@@ -281,3 +281,11 @@ class CloseIO(Message):
     container_id: Identifier
     exec_id: ExecId = ""
     stdin: bool = True
+
+
+@request("tasks.checkpoint", Empty)
+class CheckpointTask(Message):
+    """Checkpoint a running task through runc and CRIU; `path` is where the image goes ("": the runtime's choice)."""
+
+    container_id: Identifier
+    path: str = _PATH

@@ -23,7 +23,7 @@ import pytest
 from moord.bus.events import EventSubscriber
 from moord.linux.mount import is_mountpoint
 from moord.linux.process import PR_SET_CHILD_SUBREAPER, prctl
-from moord.messages.errors import FailedPrecondition, InvalidArgument, NotFound
+from moord.messages.errors import FailedPrecondition, InvalidArgument, NotFound, Unimplemented
 from moord.oci import spec as oci
 from moord.shims.shim import runtime_command, runtime_root
 from tests.test_runtime import BUSYBOX, NS, RUNC, Env, _fifo, _read_all, _reap_orphans
@@ -415,3 +415,26 @@ def test_moorctl_exec_ps_pause_resume_metrics(imported: Any) -> None:
         imported.moorctl("tasks", "rm", cid)
         imported.moorctl("containers", "rm", cid)
         imported.moorctl("snapshots", "rm", cid)
+
+
+def test_checkpoint_is_a_clear_unimplemented(env: TaskEnv, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(NotFound):
+        env.call("tasks.checkpoint", container_id="tk-no-such-task")
+    cid = env.run("ckpt", ["sleep", "1000"])
+    try:
+        # This host may or may not have criu: exercise both answers (the actor is in-process, so PATH is its PATH).
+        if shutil.which("criu") is not None:
+            with pytest.raises(Unimplemented) as real:
+                env.call("tasks.checkpoint", container_id=cid, path="/tmp/ckpt")
+            assert real.value.code == "unimplemented" and real.value.message == "checkpoint is not implemented yet"
+        with monkeypatch.context() as patch:
+            patch.setenv("PATH", env.base)  # a directory without criu
+            with pytest.raises(Unimplemented) as missing:
+                env.call("tasks.checkpoint", container_id=cid)
+        assert missing.value.code == "unimplemented"
+        assert missing.value.message == "checkpoint needs CRIU, which is not installed on this host"
+        assert env.get(cid)["status"] == "running"
+    finally:
+        env.call("tasks.kill", container_id=cid, signal=9)
+    assert env.wait(cid)["exit_status"] == 137
+    _delete(env, cid)
