@@ -25,6 +25,21 @@ def busybox_layout() -> Iterator[str]:
     subprocess.run(["rm", "-rf", base], check=False)
 
 
+@pytest.fixture(scope="module")
+def rootfs() -> Iterator[str]:
+    """A busybox root filesystem (moord's own builder) usable read-only: mount points made."""
+    from moord.linux.mount import is_mountpoint
+    from moord.oci.busybox import build_busybox_rootfs
+
+    base = tempfile.mkdtemp(prefix="md-rfs-", dir="/tmp")
+    build_busybox_rootfs(base)
+    for mount_point in ("proc", "dev", "sys", "run"):
+        os.makedirs(os.path.join(base, mount_point), exist_ok=True)
+    yield base
+    assert not is_mountpoint(base)
+    subprocess.run(["rm", "-rf", base], check=False)
+
+
 def _start(extra: str = "") -> Daemon:
     daemon = new_daemon(extra)
     try:

@@ -27,57 +27,26 @@ from moord.bus.bridge import Bridge
 from moord.bus.client import Client, endpoint_path
 from moord.bus.events import EventPublisher, EventSubscriber, events_in_path, events_out_path
 from moord.config.model import Config
-from moord.linux.mount import is_mountpoint, unmount_all
+from moord.linux.mount import unmount_all
 from moord.messages.errors import FailedPrecondition, InvalidArgument, NotFound
 from moord.oci import spec as oci
-from moord.linux.process import PR_SET_CHILD_SUBREAPER, prctl
+from tests.daemon import reap_orphans
 from moord.shims.shim import BUNDLES_DIR, bundle_path, runc_root
 
 RUNC = shutil.which("runc")
 BUSYBOX = "/bin/busybox"
 NS = "default"
-APPLETS = ("sh", "echo", "sleep", "true", "false", "cat", "ls", "kill")
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or RUNC is None or not os.path.exists(BUSYBOX), reason="needs root, runc and busybox"
 )
 
 
-# -- fixtures ---------------------------------------------------------------------------
+# -- fixtures (the busybox `rootfs` comes from conftest) ----------------------------------
 
 
-@pytest.fixture(scope="module")
-def rootfs() -> Iterator[str]:
-    """A read-only-usable root filesystem: busybox and its applets, mount points made."""
-    base = tempfile.mkdtemp(prefix="md-rfs-", dir="/tmp")
-    for d in ("bin", "proc", "dev", "sys", "run", "tmp", "etc", "root"):
-        os.makedirs(os.path.join(base, d))
-    shutil.copy2(BUSYBOX, os.path.join(base, "bin", "busybox"))
-    for applet in APPLETS:
-        os.symlink("busybox", os.path.join(base, "bin", applet))
-    with open(os.path.join(base, "etc", "passwd"), "w") as fh:
-        fh.write("root:x:0:0:root:/root:/bin/sh\n")
-    yield base
-    assert not is_mountpoint(base)
-    shutil.rmtree(base)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def subreaper() -> Iterator[None]:
-    """Shims and orphaned containers re-parent to us (pid 1 here may not reap them)."""
-    prctl(PR_SET_CHILD_SUBREAPER, 1)
-    yield
-    _reap_orphans()
-
-
-def _reap_orphans() -> None:
-    while True:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
 
 
 class Forwarder:
@@ -230,7 +199,7 @@ class Env:
     # containers
 
     def container(self, cid: str, args: list[str]) -> None:
-        spec = oci.build_spec(NS, cid, {"config": {"Env": ["PATH=/bin"]}}, args=args, rootfs=self.rootfs)
+        spec = oci.build_spec(NS, cid, {"config": {"Env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"]}}, args=args, rootfs=self.rootfs)
         self.client.call("containers.create", {"container": {"id": cid, "spec": oci.dumps(spec)}})
         self.ids.append(cid)
 
@@ -287,7 +256,7 @@ class Env:
             self.events.close()
             self.client.close()
             self.forwarder.stop()
-            _reap_orphans()
+            reap_orphans()
             assert not self.mounts_under_base()
             shutil.rmtree(self.base)
 
@@ -510,7 +479,7 @@ def test_shim_killed_reports_255_and_cleans_up(env: Env) -> None:
     assert env.get("orphan")["status"] == "stopped"
     assert "orphan" not in env.runc_ids()
     assert not env.mounts_under_base()
-    _reap_orphans()
+    reap_orphans()
     assert not _alive(init_pid)
     _delete(env, "orphan")
 

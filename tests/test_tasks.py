@@ -13,7 +13,6 @@ import os
 import secrets
 import shutil
 import subprocess
-import tempfile
 import threading
 import time
 from typing import Any, Iterator
@@ -21,43 +20,21 @@ from typing import Any, Iterator
 import pytest
 
 from moord.bus.events import EventSubscriber
-from moord.linux.mount import is_mountpoint
-from moord.linux.process import PR_SET_CHILD_SUBREAPER, prctl
 from moord.messages.errors import FailedPrecondition, InvalidArgument, NotFound, Unimplemented
 from moord.oci import spec as oci
 from moord.shims.shim import runtime_command, runtime_root
-from tests.test_runtime import BUSYBOX, NS, RUNC, Env, _fifo, _read_all, _reap_orphans
+from tests.daemon import reap_orphans
+from tests.test_runtime import BUSYBOX, NS, RUNC, Env, _fifo, _read_all
 
 CRUN = shutil.which("crun")
-APPLETS = ("sh", "echo", "sleep", "true", "cat", "dd", "stty", "tty", "head", "kill")
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or RUNC is None or not os.path.exists(BUSYBOX), reason="needs root, runc and busybox"
 )
 
 
-@pytest.fixture(scope="module")
-def rootfs() -> Iterator[str]:
-    """busybox and the applets these tests use."""
-    base = tempfile.mkdtemp(prefix="md-tk-", dir="/tmp")
-    for d in ("bin", "proc", "dev", "sys", "run", "tmp", "etc", "root"):
-        os.makedirs(os.path.join(base, d))
-    shutil.copy2(BUSYBOX, os.path.join(base, "bin", "busybox"))
-    for applet in APPLETS:
-        os.symlink("busybox", os.path.join(base, "bin", applet))
-    with open(os.path.join(base, "etc", "passwd"), "w") as fh:
-        fh.write("root:x:0:0:root:/root:/bin/sh\n")
-    yield base
-    assert not is_mountpoint(base)
-    shutil.rmtree(base)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def subreaper() -> Iterator[None]:
-    """Shims and orphaned containers re-parent to us (pid 1 here may not reap them)."""
-    prctl(PR_SET_CHILD_SUBREAPER, 1)
-    yield
-    _reap_orphans()
 
 
 class TaskEnv(Env):
@@ -74,7 +51,7 @@ class TaskEnv(Env):
     def make(self, name: str, args: list[str], runtime: dict[str, Any] | None = None, tty: bool = False, **limits: Any) -> str:
         """A container record with its spec; returns the id."""
         cid = self.uid(name)
-        spec = oci.build_spec(NS, cid, {"config": {"Env": ["PATH=/bin"]}}, args=args, rootfs=self.rootfs, tty=tty, **limits)
+        spec = oci.build_spec(NS, cid, {"config": {"Env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"]}}, args=args, rootfs=self.rootfs, tty=tty, **limits)
         record: dict[str, Any] = {"id": cid, "spec": oci.dumps(spec)}
         if runtime:
             record["runtime"] = runtime
@@ -193,7 +170,7 @@ def test_pids_pause_resume_update_metrics_and_kill_all(env: TaskEnv) -> None:
     env.call("tasks.kill", container_id=cid, signal=9, all=True)
     assert env.wait(cid)["exit_status"] == 137
     for pid in pids:
-        _reap_orphans()
+        reap_orphans()
         assert not os.path.exists(f"/proc/{pid}/cmdline") or not open(f"/proc/{pid}/cmdline").read().startswith("sleep")
     topics = [t for t, _ in env.topics()]
     assert topics.index("/tasks/paused") < topics.index("/tasks/resumed") < topics.index("/tasks/exit")
@@ -209,7 +186,7 @@ def test_exec_start_wait_kill_delete(env: TaskEnv) -> None:
     cid = env.run("host", ["sleep", "1000"])
     out_path, out_fd = _fifo(env, "exec-out")
     try:
-        process = {"args": ["sh", "-c", "echo from-exec; echo oops >&2; exit 3"], "env": ["PATH=/bin"], "cwd": "/",
+        process = {"args": ["sh", "-c", "echo from-exec; echo oops >&2; exit 3"], "env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"], "cwd": "/",
                    "user": {"uid": 0, "gid": 0}}
         env.call("tasks.exec", container_id=cid, exec_id="one", spec=process, stdout=out_path)
         with pytest.raises(Exception):
@@ -233,7 +210,7 @@ def test_exec_start_wait_kill_delete(env: TaskEnv) -> None:
     finally:
         os.close(out_fd)
 
-    env.call("tasks.exec", container_id=cid, exec_id="long", spec={"args": ["sleep", "500"], "cwd": "/", "env": ["PATH=/bin"]})
+    env.call("tasks.exec", container_id=cid, exec_id="long", spec={"args": ["sleep", "500"], "cwd": "/", "env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"]})
     env.call("tasks.start", container_id=cid, exec_id="long")
     pids = {p["pid"]: p["exec_id"] for p in env.call("tasks.pids", container_id=cid)["processes"]}
     assert "long" in pids.values()
@@ -307,7 +284,7 @@ def test_crun_per_container(env: TaskEnv) -> None:
                       options={"binary_name": "crun"})
         assert cid in env.crun_ids() and cid not in env.runc_ids()
         _until(lambda: b"hello from crun" in _read_all(out_fd, 0.3))
-        env.call("tasks.exec", container_id=cid, exec_id="x", spec={"args": ["sh", "-c", "exit 4"], "cwd": "/", "env": ["PATH=/bin"]})
+        env.call("tasks.exec", container_id=cid, exec_id="x", spec={"args": ["sh", "-c", "exit 4"], "cwd": "/", "env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"]})
         env.call("tasks.start", container_id=cid, exec_id="x")
         assert env.client.call("tasks.wait", {"container_id": cid, "exec_id": "x"})["exit_status"] == 4
         env.call("tasks.pause", container_id=cid)
@@ -368,7 +345,7 @@ def test_exec_with_a_terminal(env: TaskEnv) -> None:
     cid = env.run("ttyexec", ["sleep", "1000"])
     out_path, out_fd = _fifo(env, "tty-exec-out")
     try:
-        env.call("tasks.exec", container_id=cid, exec_id="t", spec={"args": ["tty"], "cwd": "/", "env": ["PATH=/bin"]},
+        env.call("tasks.exec", container_id=cid, exec_id="t", spec={"args": ["tty"], "cwd": "/", "env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"]},
                  stdout=out_path, terminal=True)
         env.call("tasks.start", container_id=cid, exec_id="t")
         assert env.client.call("tasks.wait", {"container_id": cid, "exec_id": "t"})["exit_status"] == 0
