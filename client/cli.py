@@ -345,4 +345,4 @@ def events(ctx: Context, topics: tuple[str, ...]) -> None:
 
 
 # Command groups kept in their own modules attach themselves to `main` on import.
-from moord.client import commands_gc, commands_storage, commands_tasks  # noqa: E402,F401
+from moord.client import commands_gc, commands_images, commands_registry, commands_storage, commands_tasks  # noqa: E402,F401

@@ -87,12 +87,20 @@ class GcConfig(Section):
     reap_expired: bool = True
 
 
+class RegistryConfig(Section):
+    """Registries: per-host settings in containerd's hosts.toml layout (`<config_path>/<host>/hosts.toml`)."""
+
+    config_path: str = ""
+    max_concurrent_downloads: int = Field(default=3, ge=1, le=64)
+
+
 class PluginsConfig(Section):
     """Per-subsystem settings."""
 
     snapshotter: SnapshotterConfig = Field(default_factory=SnapshotterConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     gc: GcConfig = Field(default_factory=GcConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
 
 
 class Config(Section):
