@@ -1,8 +1,11 @@
-"""The images process: import OCI layouts into content and images, unpack into snapshots.
+"""The images process: import archives into content and images, unpack into snapshots,
+export, check and measure images.
 
-Both kinds run on a small worker pool (the handler answers DEFERRED), so a long import
+Every kind runs on a small worker pool (the handler answers DEFERRED), so a long import
 does not block the actor's mailbox and two unpacks can proceed side by side. Every call
-to the other processes carries the caller's namespace and lease.
+to the other processes carries the caller's namespace and lease. Archive formats
+(OCI layout, docker-archive), export, check and usage live in actors/archive.py; this
+module holds what they share: writing blobs, reading documents, the unpack.
 
 Import (containerd's `ctr images import`): blobs are written bottom-up (layers and
 config before the manifest that names them, manifests before their index), each
@@ -49,7 +52,18 @@ from moord.messages.errors import (
     Unavailable,
 )
 from moord.messages.images import Image
-from moord.messages.transfer import ImportArchive, ImportReply, UnpackImage, UnpackReply
+from moord.messages.transfer import (
+    CheckImages,
+    CheckReply,
+    ExportImages,
+    ExportReply,
+    ImageUsage,
+    ImportArchive,
+    ImportReply,
+    UnpackImage,
+    UnpackReply,
+    UsageReply,
+)
 from moord.oci import image as oci
 from moord.oci.layout import OciLayout, children, digest_hex, validate_descriptor
 
@@ -129,7 +143,7 @@ def blob_path(root: str, digest: str) -> str:
 
 
 class ImagesActor(PooledServiceActor):
-    """Serves transfer.import and transfer.unpack."""
+    """Serves transfer.import, .unpack, .export, .check and .usage."""
 
     workers = WORKERS
 
@@ -147,23 +161,67 @@ class ImagesActor(PooledServiceActor):
 
     @handles("transfer.import")
     def import_archive(self, request: ImportArchive, ctx: CallContext) -> object:
-        """Import an OCI layout (directory or tar) and optionally unpack its images."""
+        """Import an OCI layout (directory or tar) or a docker-archive; optionally unpack."""
+        from moord.actors import archive
+
         def work() -> ImportReply:
             with self._lease(ctx) as lease:
-                return import_layout(Session(self.client, ctx.namespace, lease), request, self.config.root)
+                return archive.import_archive(Session(self.client, ctx.namespace, lease), request, self.config.root)
 
         return self.run_later(ctx, work)
 
     @handles("transfer.unpack")
     def unpack_image(self, request: UnpackImage, ctx: CallContext) -> object:
-        """Unpack an image's layers for this host's platform."""
+        """Unpack an image's layers for a platform (the host's by default)."""
         def work() -> UnpackReply:
             with self._lease(ctx) as lease:
                 session = Session(self.client, ctx.namespace, lease)
                 image = session.call("images.get", {"name": request.name})["image"]
-                return unpack(session, self.config.root, image["target"], request.snapshotter)
+                return unpack(session, self.config.root, image["target"], request.snapshotter, _platform(request.platform))
 
         return self.run_later(ctx, work)
+
+    @handles("transfer.export")
+    def export_images(self, request: ExportImages, ctx: CallContext) -> object:
+        """Export images to an OCI layout (tar or directory) or a docker-archive."""
+        from moord.actors import archive
+
+        def work() -> ExportReply:
+            session = Session(self.client, ctx.namespace, ctx.lease)
+            return archive.export_images(session, self.config.root, request)
+
+        return self.run_later(ctx, work)
+
+    @handles("transfer.check")
+    def check_images(self, request: CheckImages, ctx: CallContext) -> object:
+        """ctr images check: each image's blobs for a platform, present or missing, and unpacked."""
+        from moord.actors import archive
+
+        def work() -> CheckReply:
+            session = Session(self.client, ctx.namespace, ctx.lease)
+            return CheckReply(images=archive.check_images(session, request))
+
+        return self.run_later(ctx, work)
+
+    @handles("transfer.usage")
+    def image_usage(self, request: ImageUsage, ctx: CallContext) -> object:
+        """Bytes of an image's content, and of its snapshots."""
+        from moord.actors import archive
+
+        def work() -> UsageReply:
+            return archive.image_usage(Session(self.client, ctx.namespace, ctx.lease), request)
+
+        return self.run_later(ctx, work)
+
+
+def _platform(text: str) -> dict[str, str]:
+    """A platform from `os/arch[/variant]`, the host's when empty."""
+    if not text:
+        return oci.host_platform()
+    try:
+        return oci.parse_platform(text)
+    except ValueError as exc:
+        raise InvalidArgument(str(exc)) from None
 
 
 # -- import ---------------------------------------------------------------------------
@@ -274,37 +332,6 @@ def save_image(session: Session, name: str, target: dict[str, Any]) -> Image:
     return Image.model_validate(reply["image"])
 
 
-def import_layout(session: Session, request: ImportArchive, root: str) -> ImportReply:
-    """transfer.import: the whole import, then the unpack of each image when asked."""
-    if not os.path.isabs(request.path):
-        raise InvalidArgument(f"import path must be absolute, got {request.path!r}")
-    with OciLayout(request.path) as layout:
-        named = list(layout.images(request.base_name))
-        if not named:
-            raise InvalidArgument(
-                f"{request.path}: no image in index.json has a usable name (a tag-only ref needs base_name)"
-            )
-        done: set[str] = set()
-        for entry in named:
-            if entry.target["digest"] not in done:
-                import_tree(session, layout, entry.target)
-                done.add(entry.target["digest"])
-    images = [save_image(session, entry.name, entry.target) for entry in named]
-    if request.unpack:
-        unpacked: set[str] = set()
-        for entry in named:
-            if entry.target["digest"] in unpacked:
-                continue
-            try:
-                unpack(session, root, entry.target, request.snapshotter)
-            except NotFound as exc:
-                if "platform" not in exc.message:
-                    raise
-                log.info("%s: nothing to unpack for this platform", entry.name)
-            unpacked.add(entry.target["digest"])
-    return ImportReply(images=images)
-
-
 # -- unpack ---------------------------------------------------------------------------
 
 
@@ -330,19 +357,34 @@ def read_document(session: Session, desc: dict[str, Any], what: str) -> dict[str
         raise InvalidArgument(str(exc)) from None
 
 
-def resolve_manifest(session: Session, target: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The manifest for this host's platform below `target`, and its config: (manifest, config)."""
-    desc = {"mediaType": target.get("media_type", target.get("mediaType", "")), "digest": target["digest"]}
-    wanted = oci.host_platform()
+def find_manifest(session: Session, target: dict[str, Any], wanted: dict[str, str] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The manifest for a platform (the host's) below `target`: (its descriptor, the manifest).
+
+    In an index, entries whose platform matches come first, then entries without a
+    platform (as containerd's matcher orders them); NotFound when none fits.
+    """
+    wanted = wanted or oci.host_platform()
+    desc = {
+        "mediaType": target.get("media_type", target.get("mediaType", "")),
+        "digest": target["digest"],
+        "size": target.get("size", 0),
+    }
     for _ in range(4):  # an index may name an index; stop at a sane depth
         if desc["mediaType"] not in oci.INDEX_TYPES:
             break
         index = read_document(session, desc, "index")
-        matches = [m for m in index.get("manifests", []) if isinstance(m, dict) and oci.platform_matches(m.get("platform"), wanted)]
+        entries = [m for m in index.get("manifests", []) if isinstance(m, dict)]
+        matches = [m for m in entries if oci.platform_matches(m.get("platform"), wanted)]
+        matches += [m for m in entries if not m.get("platform")]
         if not matches:
             raise NotFound(f"image {target['digest']} has no manifest for platform {wanted['os']}/{wanted['architecture']}")
         desc = validate_descriptor(matches[0], "index")
-    manifest = read_document(session, desc, "manifest")
+    return desc, read_document(session, desc, "manifest")
+
+
+def resolve_manifest(session: Session, target: dict[str, Any], wanted: dict[str, str] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The manifest for a platform (the host's) below `target`, and its config: (manifest, config)."""
+    _, manifest = find_manifest(session, target, wanted)
     config_desc = validate_descriptor(manifest.get("config"), "manifest config")
     config = read_document(session, config_desc, "image config")
     return manifest, config
@@ -405,9 +447,9 @@ def _remove_quietly(session: Session, snapshotter: str, key: str) -> None:
             log.warning("could not remove snapshot %s: %s", key, exc)
 
 
-def unpack(session: Session, root: str, target: dict[str, Any], snapshotter: str) -> UnpackReply:
+def unpack(session: Session, root: str, target: dict[str, Any], snapshotter: str, wanted: dict[str, str] | None = None) -> UnpackReply:
     """transfer.unpack for one image target: every layer as a committed snapshot."""
-    manifest, config = resolve_manifest(session, target)
+    manifest, config = resolve_manifest(session, target, wanted)
     layers = [validate_descriptor(layer, "manifest layers") for layer in manifest.get("layers", [])]
     diff_ids = config.get("rootfs", {}).get("diff_ids", [])
     if not isinstance(diff_ids, list) or len(diff_ids) != len(layers) or not layers:
@@ -433,6 +475,8 @@ def unpack(session: Session, root: str, target: dict[str, Any], snapshotter: str
 def start(proc: Any) -> None:
     """Serve the transfer and diff kinds in the images process."""
     from moord.actors.diff_service import DiffActor
+    from moord.actors.pull import PullActor
 
     proc.serve(ImagesActor, proc.config, proc.client)
     proc.serve(DiffActor, proc.config, proc.client)
+    proc.serve(PullActor, proc.config, proc.client, proc.events.publish)

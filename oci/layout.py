@@ -29,7 +29,7 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Iterator, Sequence
 
-from moord.messages.errors import InvalidArgument, NotFound
+from moord.messages.errors import AlreadyExists, InvalidArgument, NotFound
 from moord.oci import image as oci
 
 LAYOUT_FILE = "oci-layout"
@@ -392,22 +392,50 @@ class LayoutImage:
     target: dict[str, Any]
 
 
+# A tar listing more members than this is refused before its index eats the memory.
+MAX_TAR_MEMBERS = 1_000_000
+# Symlinks (and hard links) between tar members are followed at most this deep.
+MAX_LINK_DEPTH = 8
+
+
 def _member_name(name: str) -> str:
-    """A tar member's name inside the layout; InvalidArgument when it would leave it."""
+    """A tar member's name inside the archive; InvalidArgument when it would leave it."""
     parts = [p for p in name.split("/") if p not in ("", ".")]
     if name.startswith("/") or ".." in parts:
-        raise InvalidArgument(f"layout tar member {name[:200]!r} leaves the layout")
+        raise InvalidArgument(f"tar member {name[:200]!r} leaves the layout")
     return "/".join(parts)
 
 
-class OciLayout:
-    """A readable OCI image layout, from a directory or an (uncompressed) tar of one."""
+def _link_target(member: str, linkname: str, hard: bool) -> str:
+    """Where a tar link points, as a member name; InvalidArgument when it leaves the archive.
+
+    A symlink's target is relative to its directory, a hard link's to the archive root.
+    """
+    if linkname.startswith("/"):
+        raise InvalidArgument(f"tar member {member[:200]!r} links outside the archive ({linkname[:200]!r})")
+    base = "" if hard else posixpath.dirname(member)
+    joined = posixpath.normpath(posixpath.join(base, linkname)) if linkname else ""
+    if not joined or joined == "." or joined == ".." or joined.startswith("../"):
+        raise InvalidArgument(f"tar member {member[:200]!r} links outside the archive ({linkname[:200]!r})")
+    return joined
+
+
+class ArchiveFiles:
+    """Read-only access to the files of an image archive: a directory or an uncompressed tar.
+
+    Directories: every path component is opened with O_NOFOLLOW below one directory fd,
+    so a symlink anywhere is refused. Tars: indexed once (names only, nothing is
+    extracted); a member leaving the root, a link pointing out of it, or a member
+    extending past the end of the file is refused up front; links between members are
+    followed inside the archive.
+    """
 
     def __init__(self, path: str) -> None:
         self.path = path
         self._dir_fd = -1
         self._tar_fd = -1
         self._members: dict[str, tuple[int, int]] = {}  # name -> (data offset, size)
+        self._links: dict[str, str] = {}  # name -> member it points at
         try:
             st = os.stat(path)
         except FileNotFoundError:
@@ -417,66 +445,90 @@ class OciLayout:
         if stat.S_ISDIR(st.st_mode):
             self._dir_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         elif stat.S_ISREG(st.st_mode):
-            self._open_tar()
+            self._open_tar(st.st_size)
         else:
-            raise InvalidArgument(f"{path}: neither a layout directory nor a tar file")
-        try:
-            layout = json.loads(self._read_small(LAYOUT_FILE))
-        except NotFound:
-            self.close()
-            raise InvalidArgument(f"{path}: not an OCI image layout (no {LAYOUT_FILE})") from None
-        except ValueError:
-            self.close()
-            raise InvalidArgument(f"{path}: {LAYOUT_FILE} is not valid JSON") from None
-        version = layout.get("imageLayoutVersion") if isinstance(layout, dict) else None
-        if version != LAYOUT_VERSION:
-            self.close()
-            raise InvalidArgument(f"{path}: unsupported image layout version {version!r}")
+            raise InvalidArgument(f"{path}: neither a directory nor a tar file")
 
-    def _open_tar(self) -> None:
+    @property
+    def is_tar(self) -> bool:
+        """Whether the archive is a tar file (else a directory)."""
+        return self._tar_fd >= 0
+
+    def _open_tar(self, file_size: int) -> None:
         self._tar_fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             with os.fdopen(os.dup(self._tar_fd), "rb") as fh:
                 head = fh.read(6)
                 fh.seek(0)
                 if head[:2] == b"\x1f\x8b" or head[:4] == b"\x28\xb5\x2f\xfd":
-                    raise InvalidArgument(f"{self.path}: compressed layout tars are not supported; decompress it first")
+                    raise InvalidArgument(f"{self.path}: compressed archives are not supported; decompress it first")
                 try:
                     with tarfile.open(fileobj=fh, mode="r:") as tar:
-                        for member in tar:
-                            name = _member_name(member.name)
-                            if member.isreg():
-                                self._members[name] = (member.offset_data, member.size)
+                        for count, member in enumerate(tar):
+                            if count >= MAX_TAR_MEMBERS:
+                                raise InvalidArgument(f"{self.path}: more than {MAX_TAR_MEMBERS} tar members")
+                            self._index_member(member, file_size)
                 except tarfile.TarError as exc:
                     raise InvalidArgument(f"{self.path}: not a valid tar: {exc}") from None
         except BaseException:
             self.close()
             raise
 
+    def _index_member(self, member: tarfile.TarInfo, file_size: int) -> None:
+        name = _member_name(member.name)
+        if member.isreg():
+            if member.offset_data + member.size > file_size:
+                raise InvalidArgument(
+                    f"{self.path}: tar member {name[:200]!r} claims {member.size} bytes, past the end of the file"
+                )
+            self._members[name] = (member.offset_data, member.size)
+            self._links.pop(name, None)
+        elif member.issym() or member.islnk():
+            self._links[name] = _link_target(name, member.linkname, member.islnk())
+            self._members.pop(name, None)
+
     def close(self) -> None:
-        """Release the layout's file descriptors."""
+        """Release the archive's file descriptors."""
         for attr in ("_dir_fd", "_tar_fd"):
             fd = getattr(self, attr)
             if fd >= 0:
                 os.close(fd)
                 setattr(self, attr, -1)
 
-    def __enter__(self) -> "OciLayout":
+    def __enter__(self) -> "ArchiveFiles":
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- raw access ----------------------------------------------------------------
+    def exists(self, rel: str) -> bool:
+        """Whether the archive holds a regular file at `rel` (links inside a tar followed)."""
+        try:
+            stream, _ = self.open(rel)
+        except NotFound:
+            return False
+        stream.close()
+        return True
 
-    def _open_member(self, rel: str) -> tuple[BinaryIO, int]:
-        """Open a file of the layout by relative path; (stream, size). No symlink is followed."""
+    def resolve(self, rel: str) -> str:
+        """The member a tar name stands for, after following links inside the archive."""
+        name = _member_name(rel)
+        for _ in range(MAX_LINK_DEPTH):
+            target = self._links.get(name)
+            if target is None:
+                return name
+            name = target
+        raise InvalidArgument(f"{self.path}: {rel[:200]!r}: too many levels of links")
+
+    def open(self, rel: str) -> tuple[BinaryIO, int]:
+        """Open a file of the archive by relative path: (stream, size)."""
         if self._tar_fd >= 0:
-            found = self._members.get(rel)
+            found = self._members.get(self.resolve(rel))
             if found is None:
                 raise NotFound(f"{self.path}: no {rel}")
             offset, size = found
             return io.BufferedReader(_TarSlice(self._tar_fd, offset, size), _COPY_CHUNK), size  # type: ignore[return-value]
+        rel = _member_name(rel)
         fd = self._dir_fd
         opened: list[int] = []
         try:
@@ -502,18 +554,44 @@ class OciLayout:
             for extra in opened:
                 os.close(extra)
 
-    def _read_small(self, rel: str, limit: int = oci.MAX_MANIFEST_BYTES) -> bytes:
-        stream, size = self._open_member(rel)
+    def read_small(self, rel: str, limit: int = oci.MAX_MANIFEST_BYTES) -> bytes:
+        """A whole file of at most `limit` bytes; InvalidArgument when larger."""
+        stream, size = self.open(rel)
         with stream:
             if size > limit:
                 raise InvalidArgument(f"{self.path}: {rel} has {size} bytes, more than the {limit}-byte limit")
             return stream.read(limit + 1)
 
+
+class OciLayout(ArchiveFiles):
+    """A readable OCI image layout, from a directory or an (uncompressed) tar of one."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        try:
+            layout = json.loads(self.read_small(LAYOUT_FILE))
+        except NotFound:
+            self.close()
+            raise InvalidArgument(f"{path}: not an OCI image layout (no {LAYOUT_FILE})") from None
+        except ValueError:
+            self.close()
+            raise InvalidArgument(f"{path}: {LAYOUT_FILE} is not valid JSON") from None
+        except BaseException:
+            self.close()
+            raise
+        version = layout.get("imageLayoutVersion") if isinstance(layout, dict) else None
+        if version != LAYOUT_VERSION:
+            self.close()
+            raise InvalidArgument(f"{path}: unsupported image layout version {version!r}")
+
+    def __enter__(self) -> "OciLayout":
+        return self
+
     # -- blobs ---------------------------------------------------------------------
 
     def blob_size(self, digest: str) -> int:
         """Size of a blob in the layout; NotFound when absent."""
-        stream, size = self._open_member(f"blobs/sha256/{digest_hex(digest)}")
+        stream, size = self.open(f"blobs/sha256/{digest_hex(digest)}")
         stream.close()
         return size
 
@@ -527,7 +605,7 @@ class OciLayout:
 
     def open_blob(self, digest: str, size: int | None = None) -> VerifiedReader:
         """A reader of the blob that checks its digest (and `size`, when given) as it is read."""
-        stream, actual = self._open_member(f"blobs/sha256/{digest_hex(digest)}")
+        stream, actual = self.open(f"blobs/sha256/{digest_hex(digest)}")
         if size is not None and size != actual:
             stream.close()
             raise InvalidArgument(f"{self.path}: blob {digest} has {actual} bytes, its descriptor says {size}")
@@ -535,7 +613,7 @@ class OciLayout:
 
     def read_document(self, digest: str, size: int | None = None, what: str = "document") -> tuple[bytes, dict[str, Any]]:
         """A verified index, manifest or config blob (at most 4 MiB): (bytes, parsed JSON)."""
-        stream, actual = self._open_member(f"blobs/sha256/{digest_hex(digest)}")
+        stream, actual = self.open(f"blobs/sha256/{digest_hex(digest)}")
         stream.close()
         if actual > oci.MAX_MANIFEST_BYTES:
             raise InvalidArgument(f"{self.path}: {what} {digest} has {actual} bytes, more than the {oci.MAX_MANIFEST_BYTES}-byte limit")
@@ -548,7 +626,7 @@ class OciLayout:
 
     def index(self) -> dict[str, Any]:
         """The layout's index.json."""
-        data = self._read_small(INDEX_FILE)
+        data = self.read_small(INDEX_FILE)
         try:
             doc = oci.load_document(data, f"{self.path}: {INDEX_FILE}")
         except ValueError as exc:
@@ -559,7 +637,7 @@ class OciLayout:
 
     def index_bytes(self) -> bytes:
         """index.json as stored (the layout's root index blob)."""
-        return self._read_small(INDEX_FILE)
+        return self.read_small(INDEX_FILE)
 
     def images(self, base_name: str = "") -> Iterator[LayoutImage]:
         """Images named in index.json, as containerd's import names them.
@@ -610,3 +688,171 @@ def children(doc: dict[str, Any], media_type: str, where: str) -> list[dict[str,
     if not isinstance(entries, list):
         raise InvalidArgument(f"{where}: references are not a list")
     return [validate_descriptor(e, where) for e in entries]
+
+
+# -- writing archives (export) ------------------------------------------------------
+
+
+@dataclass
+class Record:
+    """One file of an archive being written: its name, size, mode and how to get its bytes."""
+
+    name: str
+    size: int
+    open: Any  # () -> binary stream of exactly `size` bytes (checked as it is copied)
+    mode: int = 0o444
+
+
+def bytes_record(name: str, data: bytes, mode: int = 0o644) -> Record:
+    """A record of bytes held in memory."""
+    return Record(name, len(data), lambda: io.BytesIO(data), mode)
+
+
+class ArchiveWriter:
+    """Writes an archive (a tar, or a directory tree) so that nothing half-written is left.
+
+    A tar is written to a temporary file beside `path` and renamed over it at `commit`; a
+    new directory is built beside `path` and renamed into place. With `merge`, an
+    existing directory is written into (blobs by rename, so readers never see half a
+    file). An existing `path` is refused unless `overwrite`.
+    """
+
+    def __init__(self, path: str, directory: bool, overwrite: bool = False) -> None:
+        if not os.path.isabs(path):
+            raise InvalidArgument(f"output path must be absolute, got {path[:200]!r}")
+        parent = os.path.dirname(path.rstrip("/")) or "/"
+        if not os.path.isdir(parent):
+            raise NotFound(f"{parent}: no such directory")
+        self.path = path.rstrip("/") or "/"
+        self.directory = directory
+        self.merge = False
+        exists = os.path.lexists(self.path)
+        if exists and os.path.islink(self.path):
+            raise InvalidArgument(f"{self.path} is a symlink; refusing to write through it")
+        if directory:
+            if exists and not os.path.isdir(self.path):
+                raise AlreadyExists(f"{self.path} exists and is not a directory")
+            if exists and os.listdir(self.path):
+                if not overwrite:
+                    raise AlreadyExists(f"{self.path} exists and is not empty (overwrite to add to it)")
+                if not os.path.exists(os.path.join(self.path, LAYOUT_FILE)):
+                    raise InvalidArgument(f"{self.path} is not an OCI image layout; refusing to write into it")
+                self.merge = True
+            self._work = self.path if self.merge else tempfile.mkdtemp(prefix=".export-", dir=parent)
+            self._tar: tarfile.TarFile | None = None
+        else:
+            if exists and not overwrite:
+                raise AlreadyExists(f"{self.path} exists (overwrite to replace it)")
+            if exists and not os.path.isfile(self.path):
+                raise InvalidArgument(f"{self.path} exists and is not a regular file")
+            fd, self._work = tempfile.mkstemp(prefix=".export-", suffix=".tar", dir=parent)
+            self._file = os.fdopen(fd, "wb")
+            self._tar = tarfile.open(fileobj=self._file, mode="w|", format=tarfile.PAX_FORMAT)
+        self._written: set[str] = set()
+
+    def existing_index(self) -> dict[str, Any] | None:
+        """index.json of the layout being merged into, or None."""
+        if not self.merge:
+            return None
+        with OciLayout(self.path) as layout:
+            return layout.index()
+
+    def write(self, records: Sequence[Record]) -> None:
+        """Write records sorted by name (the first of duplicate names wins), directories first."""
+        unique: dict[str, Record] = {}
+        for record in records:
+            unique.setdefault(record.name, record)
+        dirs = sorted({posixpath.dirname(n) for n in unique if "/" in n})
+        for d in dirs:
+            self._mkdir(d)
+        for name in sorted(unique):
+            self._file_record(unique[name])
+
+    def _mkdir(self, rel: str) -> None:
+        parts = rel.split("/")
+        for i in range(1, len(parts) + 1):
+            sub = "/".join(parts[:i])
+            if sub in self._written:
+                continue
+            self._written.add(sub)
+            if self._tar is not None:
+                info = tarfile.TarInfo(sub + "/")
+                info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, 0
+                self._tar.addfile(info)
+            else:
+                full = os.path.join(self._work, sub)
+                if not os.path.isdir(full):
+                    os.mkdir(full, 0o755)
+
+    def _file_record(self, record: Record) -> None:
+        name = _member_name(record.name)
+        if name in self._written:
+            return
+        self._written.add(name)
+        if self._tar is not None:
+            info = tarfile.TarInfo(name)
+            info.size, info.mode, info.mtime = record.size, record.mode, 0
+            with record.open() as stream:
+                try:
+                    self._tar.addfile(info, stream)
+                except OSError as exc:
+                    if exc.errno is not None:
+                        raise
+                    raise InvalidArgument(f"{name}: fewer than the {record.size} bytes expected") from None
+                if stream.read(1):
+                    raise InvalidArgument(f"{name}: more than the {record.size} bytes expected")
+            return
+        target = os.path.join(self._work, name)
+        if self.merge and name.startswith("blobs/") and os.path.isfile(target) and os.path.getsize(target) == record.size:
+            return  # the layout has this blob already
+        fd, tmp = tempfile.mkstemp(prefix=".part-", dir=os.path.dirname(target))
+        try:
+            with os.fdopen(fd, "wb") as out, record.open() as stream:
+                copied = 0
+                while True:
+                    chunk = stream.read(_COPY_CHUNK)
+                    if not chunk:
+                        break
+                    out.write(chunk)
+                    copied += len(chunk)
+                if copied != record.size:
+                    raise InvalidArgument(f"{name}: {copied} bytes, {record.size} expected")
+            os.chmod(tmp, record.mode)
+            os.replace(tmp, target)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    def commit(self) -> None:
+        """Make the archive appear at its path, durably."""
+        if self._tar is not None:
+            self._tar.close()
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            os.chmod(self._work, 0o644)
+            os.replace(self._work, self.path)
+        elif not self.merge:
+            if os.path.isdir(self.path):
+                os.rmdir(self.path)  # empty (checked at start)
+            os.chmod(self._work, 0o755)
+            os.replace(self._work, self.path)
+        fd = os.open(os.path.dirname(self.path) or "/", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def abort(self) -> None:
+        """Remove what was written (never anything that was there before)."""
+        if self._tar is not None:
+            try:
+                self._tar.close()
+            except Exception:  # the tar is being thrown away; its trailer does not matter
+                pass
+            self._file.close()
+            if os.path.exists(self._work):
+                os.unlink(self._work)
+        elif not self.merge:
+            shutil.rmtree(self._work, ignore_errors=True)

@@ -234,3 +234,113 @@ def test_reader_refuses_non_layouts(workdir: str) -> None:
         fh.write(os.urandom(4096))
     with pytest.raises(InvalidArgument):
         OciLayout(junk)
+
+
+# -- archive files, references, the archive writer -----------------------------------
+
+
+def test_archive_files_follow_links_inside_and_refuse_the_rest(workdir: str) -> None:
+    from moord.oci.layout import ArchiveFiles
+
+    out = os.path.join(workdir, "links.tar")
+    with tarfile.open(out, "w") as tar:
+        info = tarfile.TarInfo("a/layer.tar")
+        info.size = 5
+        tar.addfile(info, io.BytesIO(b"hello"))
+        link = tarfile.TarInfo("b/layer.tar")
+        link.type, link.linkname = tarfile.SYMTYPE, "../a/layer.tar"
+        tar.addfile(link)
+        hard = tarfile.TarInfo("c/layer.tar")
+        hard.type, hard.linkname = tarfile.LNKTYPE, "a/layer.tar"
+        tar.addfile(hard)
+        loop = tarfile.TarInfo("loop")
+        loop.type, loop.linkname = tarfile.SYMTYPE, "loop"
+        tar.addfile(loop)
+    with ArchiveFiles(out) as files:
+        for name in ("a/layer.tar", "b/layer.tar", "c/layer.tar"):
+            stream, size = files.open(name)
+            with stream:
+                assert (stream.read(), size) == (b"hello", 5)
+        assert not files.exists("missing")
+        with pytest.raises(InvalidArgument, match="levels of links"):
+            files.open("loop")
+    for target in ("/etc/shadow", "../../etc/shadow", ".."):
+        with tarfile.open(out, "w") as tar:
+            link = tarfile.TarInfo("x/layer.tar")
+            link.type, link.linkname = tarfile.SYMTYPE, target
+            tar.addfile(link)
+        with pytest.raises(InvalidArgument, match="outside the archive"):
+            ArchiveFiles(out)
+
+
+def test_archive_files_refuse_members_past_the_end(workdir: str) -> None:
+    from moord.oci.layout import ArchiveFiles
+
+    out = os.path.join(workdir, "short.tar")
+    with tarfile.open(out, "w") as tar:
+        info = tarfile.TarInfo("big")
+        info.size = 1024 * 1024
+        tar.addfile(info, io.BytesIO(b"\0" * info.size))
+    with open(out, "r+b") as fh:
+        fh.truncate(4096)
+    with pytest.raises(InvalidArgument, match="past the end"):
+        ArchiveFiles(out)
+
+
+@pytest.mark.parametrize(
+    ("ref", "normal", "familiar", "tag"),
+    [
+        ("busybox", "docker.io/library/busybox:latest", "busybox:latest", "latest"),
+        ("busybox:1.36", "docker.io/library/busybox:1.36", "busybox:1.36", "1.36"),
+        ("user/app:v1", "docker.io/user/app:v1", "user/app:v1", "v1"),
+        ("index.docker.io/library/x:2", "docker.io/library/x:2", "x:2", "2"),
+        ("localhost:5000/a/b:c", "localhost:5000/a/b:c", "localhost:5000/a/b:c", "c"),
+        ("example.com/team/app", "example.com/team/app:latest", "example.com/team/app:latest", "latest"),
+        ("x@sha256:" + "a" * 64, "docker.io/library/x@sha256:" + "a" * 64, "x@sha256:" + "a" * 64, "@sha256:" + "a" * 64),
+    ],
+)
+def test_docker_references(ref: str, normal: str, familiar: str, tag: str) -> None:
+    from moord.oci import docker_archive as docker
+
+    assert docker.normalize_ref(ref) == normal
+    assert docker.familiar_ref(normal) == familiar
+    assert docker.oci_ref_name(normal) == tag
+
+
+@pytest.mark.parametrize("bad", ["", "upper/CASE", "a//b", "x:bad tag", "x@sha256:short", "http://x/y", "-x"])
+def test_bad_docker_references(bad: str) -> None:
+    from moord.oci import docker_archive as docker
+
+    with pytest.raises(InvalidArgument):
+        docker.normalize_ref(bad)
+
+
+def test_archive_writer_is_atomic_and_refuses_to_overwrite(workdir: str) -> None:
+    from moord.messages.errors import AlreadyExists
+    from moord.oci.layout import ArchiveWriter, Record, bytes_record
+
+    out = os.path.join(workdir, "out.tar")
+    writer = ArchiveWriter(out, directory=False)
+    writer.write([bytes_record("oci-layout", b"{}"), bytes_record("blobs/sha256/ab", b"x")])
+    writer.commit()
+    with tarfile.open(out) as tar:
+        assert tar.getnames() == ["blobs", "blobs/sha256", "blobs/sha256/ab", "oci-layout"]
+    with pytest.raises(AlreadyExists):
+        ArchiveWriter(out, directory=False)
+    writer = ArchiveWriter(out, directory=False, overwrite=True)
+    with pytest.raises(InvalidArgument):
+        writer.write([Record("short", 10, lambda: io.BytesIO(b"abc"))])
+    writer.abort()
+    assert os.listdir(workdir) == ["out.tar"]  # the old file, untouched; no temp left
+    with pytest.raises(InvalidArgument):
+        ArchiveWriter("relative", directory=True)
+    d = os.path.join(workdir, "dir")
+    writer = ArchiveWriter(d, directory=True)
+    writer.write([bytes_record("blobs/sha256/cd", b"y")])
+    writer.commit()
+    with open(os.path.join(d, "blobs", "sha256", "cd"), "rb") as fh:
+        assert fh.read() == b"y"
+    with pytest.raises(AlreadyExists):
+        ArchiveWriter(d, directory=True)
+    with pytest.raises(InvalidArgument, match="not an OCI image layout"):
+        ArchiveWriter(d, directory=True, overwrite=True)

@@ -6,7 +6,8 @@ from typing import Any
 
 from sqlalchemy import Row, select
 
-from moord.actors.base import CallContext, handles
+from moord.actors.base import DEFERRED, CallContext, handles
+from moord.actors.gc import CollectAndAnswer
 from moord.actors.metadata.common import StoreBase, ensure_namespace, mask_key, now, set_map_key, without_empty
 from moord.actors.metadata.schema import images, pack_map, unpack_map
 from moord.messages import filters
@@ -141,7 +142,8 @@ class ImagesService(StoreBase):
         return {"image": updated}
 
     @handles("images.delete")
-    def delete_image(self, req: DeleteImage, ctx: CallContext) -> Empty:
+    def delete_image(self, req: DeleteImage, ctx: CallContext) -> Any:
+        """Delete an image record; with `sync`, answer once a collection has run (ctr rm --sync)."""
         with self.db.write() as conn:
             gone = conn.execute(
                 images.delete().where(images.c.namespace == ctx.namespace, images.c.name == req.name)
@@ -149,6 +151,11 @@ class ImagesService(StoreBase):
         if not gone:
             raise NotFound(f'image "{req.name}": not found')
         self.publish("/images/delete", ctx.namespace, {"name": req.name})
+        gc = getattr(self, "gc", None)
+        if req.sync and gc is not None:
+            # The GC actor answers once it has collected; this actor stays free meanwhile.
+            gc.tell(CollectAndAnswer(ctx))
+            return DEFERRED
         return Empty()
 
 
