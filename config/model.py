@@ -88,10 +88,32 @@ class GcConfig(Section):
 
 
 class RegistryConfig(Section):
-    """Registries: per-host settings in containerd's hosts.toml layout (`<config_path>/<host>/hosts.toml`)."""
+    """Registries: per-host settings in containerd's hosts.toml layout (`<config_path>/<host>/hosts.toml`).
+
+    `timeout` bounds connecting and every read (a stalled body fails after it); failed
+    connections, 5xx and 429 are retried `retries` times with exponential backoff from
+    `retry_backoff` seconds. `auths` holds credentials per registry host, as containerd's
+    CRI `registry.configs."host".auth`: `[plugins.registry.auths."host:port"] username,
+    password` (used for Basic auth and to ask bearer token servers).
+    """
 
     config_path: str = ""
     max_concurrent_downloads: int = Field(default=3, ge=1, le=64)
+    timeout: float = Field(default=30.0, gt=0, le=3600)
+    retries: int = Field(default=3, ge=0, le=20)
+    retry_backoff: float = Field(default=0.2, ge=0, le=60)
+    auths: dict[str, dict[str, str]] = Field(default_factory=dict)
+
+    @field_validator("auths")
+    @classmethod
+    def _credentials_only(cls, value: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:
+        for host, entry in value.items():
+            unknown = set(entry) - {"username", "password"}
+            if unknown:
+                raise ValueError(f"auths.{host}: unknown key(s) {sorted(unknown)} (use username, password)")
+            if "username" not in entry:
+                raise ValueError(f"auths.{host}: username is required")
+        return value
 
 
 class PluginsConfig(Section):
