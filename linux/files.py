@@ -35,3 +35,18 @@ def fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 1 << 1
+
+
+def exchange_paths(first: str, second: str) -> None:
+    """Swap two paths on one filesystem atomically (renameat2 RENAME_EXCHANGE)."""
+    import ctypes
+
+    from moord.linux.libc import libc
+
+    if libc.renameat2(_AT_FDCWD, first.encode(), _AT_FDCWD, second.encode(), _RENAME_EXCHANGE) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), first)

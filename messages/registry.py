@@ -9,6 +9,7 @@ from moord.messages import (  # noqa: F401  (imported for their @request declara
     containers,
     content,
     diff,
+    distribution,
     events,
     gc,
     images,

@@ -10,7 +10,7 @@ from typing import Iterator
 import pytest
 
 from moord.linux.process import PR_SET_CHILD_SUBREAPER, prctl
-from tests.daemon import TEST_PREFIX, Daemon, cleanup_base, new_daemon, reap_orphans
+from tests.daemon import SESSION_BASES, Daemon, cleanup_base, new_daemon, reap_orphans
 
 
 @pytest.fixture(scope="session")
@@ -94,5 +94,5 @@ def no_leftovers() -> Iterator[None]:
     alive = [p.pid for p in psutil.Process().children(recursive=True) if "moord-shim" in " ".join(p.cmdline())]
     assert not alive, f"tests left shims running: {alive}"
     with open("/proc/self/mountinfo") as fh:
-        mounts = [line.split()[4] for line in fh if f"/{TEST_PREFIX}" in line.split()[4]]
+        mounts = [line.split()[4] for line in fh if line.split()[4].startswith(tuple(base + "/" for base in SESSION_BASES))]
     assert not mounts, f"tests left mounts behind: {mounts[:5]}"

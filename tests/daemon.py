@@ -22,6 +22,8 @@ import psutil
 from moord.bus.client import Client
 
 TEST_PREFIX = "moord-t-"
+# Bases this test session made: its leak check must not blame another session's mounts.
+SESSION_BASES: list[str] = []
 
 
 def moorctl_argv(config: str, *args: str) -> list[str]:
@@ -197,6 +199,7 @@ def write_config(base: str, extra: str = "") -> str:
 def new_daemon(extra_config: str = "") -> Daemon:
     """A daemon with fresh dirs (not started)."""
     base = tempfile.mkdtemp(prefix=TEST_PREFIX, dir="/tmp")
+    SESSION_BASES.append(base)
     return Daemon(base=base, config_path=write_config(base, extra_config))
 
 
