@@ -134,13 +134,13 @@ def images_ls(ctx: Context, quiet: bool, filters: tuple[str, ...]) -> None:
 
 
 @images.command("import")
-@click.option("--base-name", default="", help="name images lacking a ref annotation <base-name>:<tag>")
+@click.option("--base-name", default="", help="name images lacking a name: <base-name>:<tag> (OCI), <base-name>@<digest> (docker)")
 @click.option("--no-unpack", is_flag=True, help="do not unpack into snapshots")
 @click.option("--snapshotter", default="overlayfs", show_default=True)
 @click.argument("path", type=click.Path(exists=True))
 @pass_ctx
 def images_import(ctx: Context, base_name: str, no_unpack: bool, snapshotter: str, path: str) -> None:
-    """Import an OCI image layout (directory or tar)."""
+    """Import an OCI image layout (directory or tar) or a docker-archive (`docker save` tar)."""
     reply = call(
         ctx,
         "transfer.import",
@@ -152,12 +152,14 @@ def images_import(ctx: Context, base_name: str, no_unpack: bool, snapshotter: st
 
 
 @images.command("rm")
+@click.option("--sync", is_flag=True, help="return once a garbage collection has removed what the images held")
 @click.argument("names", nargs=-1, required=True)
 @pass_ctx
-def images_rm(ctx: Context, names: tuple[str, ...]) -> None:
-    """Remove images."""
-    for name in names:
-        call(ctx, "images.delete", {"name": name})
+def images_rm(ctx: Context, sync: bool, names: tuple[str, ...]) -> None:
+    """Remove images (ctr images rm: the collection runs after the last one)."""
+    for i, name in enumerate(names):
+        last = i == len(names) - 1
+        call(ctx, "images.delete", {"name": name, "sync": sync and last}, timeout=max(ctx.timeout, 120) if sync and last else None)
         click.echo(name)
 
 
@@ -177,13 +179,23 @@ def images_build_busybox(ref: str, as_tar: bool, path: str) -> None:
 
 
 @main.command(context_settings={"allow_interspersed_args": False})
-@click.option("--rm", "remove", is_flag=True, help="remove the container after it exits")
+@click.option("--rm", "remove", is_flag=True, help="remove the container after it exits (not with --detach)")
 @click.option("--detach", "-d", is_flag=True, help="start the task and return")
+@click.option("--tty", "-t", is_flag=True, help="allocate a terminal; the local one goes raw")
+@click.option("--null-io", is_flag=True, help="send all IO to /dev/null")
+@click.option("--log-uri", default="", help="stdout and stderr to file:///path instead of this terminal")
+@click.option("--fifo-dir", default="", help="directory for the stdio FIFOs (default <state>/fifo)")
 @click.option("--env", multiple=True, help="environment variable NAME=VALUE")
 @click.option("--cwd", default="", help="working directory")
 @click.option("--user", "-u", default="", help="uid[:gid]")
 @click.option("--hostname", default="")
 @click.option("--read-only", is_flag=True, help="read-only root filesystem")
+@click.option("--mount", "mounts", multiple=True, help="type=bind,src=/host,dst=/path,options=rbind:ro")
+@click.option("--memory-limit", type=click.IntRange(min=0), default=0, help="memory limit in bytes")
+@click.option("--cpus", type=click.FloatRange(min=0), default=0.0, help="CPUs (CFS quota)")
+@click.option("--pids-limit", type=click.IntRange(min=0), default=0, help="maximum number of tasks")
+@click.option("--runtime", default="io.containerd.runc.v2", show_default=True, help="runtime name (io.containerd.crun.v2: crun)")
+@click.option("--runc-binary", default="", help="OCI runtime binary for this container: runc or crun")
 @click.option("--snapshotter", default="overlayfs", show_default=True)
 @click.argument("image")
 @click.argument("container_id")
@@ -193,36 +205,55 @@ def run(
     ctx: Context,
     remove: bool,
     detach: bool,
+    tty: bool,
+    null_io: bool,
+    log_uri: str,
+    fifo_dir: str,
     env: tuple[str, ...],
     cwd: str,
     user: str,
     hostname: str,
     read_only: bool,
+    mounts: tuple[str, ...],
+    memory_limit: int,
+    cpus: float,
+    pids_limit: int,
+    runtime: str,
+    runc_binary: str,
     snapshotter: str,
     image: str,
     container_id: str,
     args: tuple[str, ...],
 ) -> None:
     """Run a container: IMAGE ID [-- CMD ARGS...]; the exit code is the container's."""
-    from moord.client.run import RunOptions
+    from moord.client.run import RunOptions, parse_mount
     from moord.client.run import run as run_container
     from moord.messages.errors import MoordError
 
-    opts = RunOptions(
-        image=image,
-        container_id=container_id,
-        args=list(args[1:] if args[:1] == ("--",) else args),
-        env=list(env),
-        remove=remove,
-        detach=detach,
-        cwd=cwd,
-        user=user,
-        hostname=hostname,
-        read_only=read_only,
-        snapshotter=snapshotter,
-        fifo_root=os.path.join(ctx.state_dir, "fifo"),
-    )
     try:
+        opts = RunOptions(
+            image=image,
+            container_id=container_id,
+            args=list(args[1:] if args[:1] == ("--",) else args),
+            env=list(env),
+            remove=remove,
+            detach=detach,
+            tty=tty,
+            cwd=cwd,
+            user=user,
+            hostname=hostname,
+            read_only=read_only,
+            mounts=[parse_mount(m) for m in mounts],
+            memory_limit=memory_limit,
+            cpus=cpus,
+            pids_limit=pids_limit,
+            snapshotter=snapshotter,
+            runtime=runtime,
+            runtime_binary=runc_binary,
+            null_io=null_io,
+            log_uri=log_uri,
+            fifo_root=fifo_dir or os.path.join(ctx.state_dir, "fifo"),
+        )
         status = run_container(ctx.client, opts)
     except MoordError as exc:
         fail(exc)
@@ -248,20 +279,30 @@ def tasks_ls(ctx: Context) -> None:
 @tasks.command("kill")
 @click.option("--signal", "-s", "sig", default="SIGTERM", show_default=True, help="signal name or number")
 @click.option("--all", "-a", "all_", is_flag=True, help="signal all processes of the task")
+@click.option("--exec-id", default="", help="signal this exec'd process instead of the init")
 @click.argument("container_id")
 @pass_ctx
-def tasks_kill(ctx: Context, sig: str, all_: bool, container_id: str) -> None:
+def tasks_kill(ctx: Context, sig: str, all_: bool, exec_id: str, container_id: str) -> None:
     """Signal a task."""
-    call(ctx, "tasks.kill", {"container_id": container_id, "signal": parse_signal(sig), "all": all_})
+    payload = {"container_id": container_id, "exec_id": exec_id, "signal": parse_signal(sig), "all": all_}
+    call(ctx, "tasks.kill", payload)
 
 
 @tasks.command("rm")
+@click.option("--exec-id", default="", help="delete this exec'd process instead of the task")
 @click.argument("container_id")
 @pass_ctx
-def tasks_rm(ctx: Context, container_id: str) -> None:
-    """Delete a stopped task."""
-    reply = call(ctx, "tasks.delete", {"container_id": container_id})
-    click.echo(f"{container_id} exit status {reply['exit_status']}")
+def tasks_rm(ctx: Context, exec_id: str, container_id: str) -> None:
+    """Delete a stopped task (and the stdio FIFOs moorctl made for it)."""
+    from moord.client.run import delete_task
+    from moord.messages.errors import MoordError
+
+    try:
+        reply = delete_task(ctx.client, container_id, os.path.join(ctx.state_dir, "fifo"), exec_id)
+    except MoordError as exc:
+        fail(exc)
+        return
+    click.echo(f"{exec_id or container_id} exit status {reply['exit_status']}")
 
 
 main.add_command(tasks_kill, "kill")

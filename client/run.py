@@ -1,29 +1,23 @@
-"""`moorctl run`: the same calls, in the same order, as `ctr run --rm`.
+"""`moorctl run` and `tasks start`: the same calls, in the same order, as `ctr run --rm`.
 
 Images.Get -> manifest/config -> Leases.Create -> Snapshots.Prepare(id, chainID) ->
-Containers.Create -> Leases.Delete -> FIFOs -> Tasks.Create -> Tasks.Wait (in a thread,
-before Start) -> Tasks.Start -> copy stdio -> Tasks.Delete -> Snapshots.Remove ->
-Containers.Delete.
+Containers.Create -> Leases.Delete -> FIFOs (stdin, stdout, stderr; no stderr with a
+terminal) -> Tasks.Create -> Tasks.Wait (in a thread, before Start) -> ResizePty (with a
+terminal) -> Tasks.Start -> relay stdio (client/terminal.py) -> Tasks.Delete ->
+Snapshots.Remove -> Containers.Delete.
 """
 
 from __future__ import annotations
 
-import os
-import secrets
-import select
-import shutil
-import signal
-import sys
-import threading
 from dataclasses import dataclass, field
 from typing import Any
 
 from moord.bus.client import Client
 from moord.client.images import resolve
-from moord.messages.errors import MoordError, NotFound
+from moord.client.terminal import FifoSet, Session, remove_fifo_dir
+from moord.messages.errors import InvalidArgument, MoordError, NotFound
 
-# Waiting for a container has no natural deadline; this bounds a lost reply.
-WAIT_TIMEOUT = 7 * 24 * 3600.0
+DEFAULT_RUNTIME = "io.containerd.runc.v2"
 
 
 @dataclass
@@ -41,77 +35,121 @@ class RunOptions:
     user: str = ""
     hostname: str = ""
     read_only: bool = False
+    mounts: list[dict[str, Any]] = field(default_factory=list)
+    memory_limit: int = 0
+    cpus: float = 0.0
+    pids_limit: int = 0
     snapshotter: str = "overlayfs"
-    runtime: str = "io.containerd.runc.v2"
+    runtime: str = DEFAULT_RUNTIME
+    runtime_binary: str = ""
+    null_io: bool = False
+    log_uri: str = ""
     fifo_root: str = "/run/moord/fifo"
 
 
-class Fifos:
-    """stdout/stderr FIFOs in a private dir; read ends opened before the shim's write ends."""
+@dataclass
+class TaskIO:
+    """How a task's stdio is wired: FIFOs to this terminal, a log URI, or nothing."""
 
-    def __init__(self, root: str, container_id: str) -> None:
-        os.makedirs(root, mode=0o700, exist_ok=True)
-        self.dir = os.path.join(root, secrets.token_hex(8))
-        os.mkdir(self.dir, 0o700)
-        self.stdout = os.path.join(self.dir, f"{container_id}-stdout")
-        self.stderr = os.path.join(self.dir, f"{container_id}-stderr")
-        os.mkfifo(self.stdout, 0o600)
-        os.mkfifo(self.stderr, 0o600)
-        self.fds = {
-            os.open(self.stdout, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC): sys.stdout.buffer,
-            os.open(self.stderr, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC): sys.stderr.buffer,
-        }
+    tty: bool = False
+    detach: bool = False
+    null_io: bool = False
+    log_uri: str = ""
+    fifo_root: str = "/run/moord/fifo"
 
-    def pump(self) -> None:
-        """Copy both FIFOs to our stdout/stderr until every writer has closed them."""
-        open_fds = dict(self.fds)
-        while open_fds:
-            ready, _, _ = select.select(list(open_fds), [], [])
-            for fd in ready:
-                try:
-                    data = os.read(fd, 65536)
-                except BlockingIOError:
-                    continue
-                if not data:
-                    del open_fds[fd]
-                    continue
-                out = open_fds[fd]
-                out.write(data)
-                out.flush()
+    def __post_init__(self) -> None:
+        if self.tty and (self.null_io or self.log_uri):
+            raise InvalidArgument("a terminal cannot be used with null IO or a log URI")
+        if self.null_io and self.log_uri:
+            raise InvalidArgument("null IO and a log URI cannot be used together")
+        if self.log_uri and not self.log_uri.startswith("file:///"):
+            raise InvalidArgument(f"log URI {self.log_uri!r}: only file:///absolute/path is supported")
 
-    def close(self) -> None:
-        """Close our ends and remove the FIFOs."""
-        for fd in self.fds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        shutil.rmtree(self.dir, ignore_errors=True)
+    def fifos(self, name: str) -> FifoSet | None:
+        """FIFOs for the process (None: null IO or a log URI).
+
+        Detached, only a terminal keeps FIFOs (for `tasks attach`); plain stdio is not
+        wired: a FIFO nobody reads would stop (or, with runc's pass-through, kill) a
+        detached writer.
+        """
+        if self.null_io or self.log_uri or (self.detach and not self.tty):
+            return None
+        # With a terminal the pty merges stdout and stderr: no stderr FIFO (as ctr).
+        return FifoSet.create(self.fifo_root, name, stdin=True, stderr=not self.tty)
+
+    def paths(self, fifos: FifoSet | None) -> dict[str, str]:
+        """stdin/stdout/stderr for Tasks.Create or Exec."""
+        if fifos is not None:
+            return fifos.paths()
+        if self.log_uri:
+            return {"stdin": "", "stdout": self.log_uri, "stderr": self.log_uri}
+        return {"stdin": "", "stdout": "", "stderr": ""}
+
+
+def parse_mount(text: str) -> dict[str, Any]:
+    """ctr's --mount: `type=bind,src=/host,dst=/in,options=rbind:ro` -> an OCI mount."""
+    mount: dict[str, Any] = {"type": "", "source": "", "destination": "", "options": []}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise InvalidArgument(f"invalid mount {text!r}: expected key=value pairs")
+        if key == "type":
+            mount["type"] = value
+        elif key in ("source", "src"):
+            mount["source"] = value
+        elif key in ("destination", "dst", "target"):
+            mount["destination"] = value
+        elif key == "options":
+            mount["options"] = [o for o in value.split(":") if o]
+        else:
+            raise InvalidArgument(f"mount option {key!r} not supported")
+    if not mount["destination"].startswith("/"):
+        raise InvalidArgument(f"mount {text!r}: dst must be an absolute path")
+    if not mount["type"]:
+        mount["type"] = "bind" if mount["source"].startswith("/") else ""
+    if not mount["type"]:
+        raise InvalidArgument(f"mount {text!r}: type is required")
+    if mount["type"] == "bind":
+        if not mount["source"].startswith("/"):
+            raise InvalidArgument(f"bind mount {text!r}: src must be an absolute host path")
+        if not {"bind", "rbind"} & set(mount["options"]):
+            mount["options"].insert(0, "rbind")
+    return mount
 
 
 def build_spec(opts: RunOptions, namespace: str, image_config: dict[str, Any]) -> bytes:
     """The OCI runtime spec (JSON) for the container, from image config and options."""
     from moord.oci import spec
 
-    return spec.dumps(
-        spec.build_spec(
-            namespace,
-            opts.container_id,
-            image_config,
-            args=opts.args,
-            env=opts.env,
-            cwd=opts.cwd,
-            user=opts.user,
-            tty=opts.tty,
-            hostname=opts.hostname,
-            readonly_rootfs=opts.read_only,
-        )
+    built = spec.build_spec(
+        namespace,
+        opts.container_id,
+        image_config,
+        args=opts.args,
+        env=opts.env,
+        cwd=opts.cwd,
+        user=opts.user,
+        tty=opts.tty,
+        hostname=opts.hostname,
+        readonly_rootfs=opts.read_only,
+        memory_limit=opts.memory_limit,
+        cpus=opts.cpus,
+        pids_limit=opts.pids_limit,
     )
+    # User mounts go after the defaults, as ctr's WithMounts appends them.
+    built["mounts"].extend(opts.mounts)
+    return spec.dumps(built)
 
 
 def run(client: Client, opts: RunOptions) -> int:
     """Run a container to completion (or start it detached); returns its exit status."""
+    if opts.remove and opts.detach:
+        raise InvalidArgument("--detach and --rm cannot be used together")
+    task_io = TaskIO(tty=opts.tty, detach=opts.detach, null_io=opts.null_io, log_uri=opts.log_uri, fifo_root=opts.fifo_root)
     image = resolve(client, opts.image)
+    runtime: dict[str, Any] = {"name": opts.runtime}
+    if opts.runtime_binary:
+        runtime["options"] = {"binary_name": opts.runtime_binary}
     # As ctr: the snapshot is leased until the container record references it.
     with client.temporary_lease() as lease:
         mounts = client.call(
@@ -124,7 +162,7 @@ def run(client: Client, opts: RunOptions) -> int:
             container = {
                 "id": opts.container_id,
                 "image": opts.image,
-                "runtime": {"name": opts.runtime},
+                "runtime": runtime,
                 "spec": spec,
                 "snapshotter": opts.snapshotter,
                 "snapshot_key": opts.container_id,
@@ -133,7 +171,17 @@ def run(client: Client, opts: RunOptions) -> int:
         except BaseException:
             _call_quietly(client, "snapshots.remove", {"snapshotter": opts.snapshotter, "key": opts.container_id})
             raise
-    return _run_task(client, opts, mounts)
+    finished = False
+    try:
+        status = run_task(client, opts.container_id, mounts, task_io)
+        finished = True
+        return status
+    finally:
+        # Without --rm a finished run keeps its container and snapshot (as ctr does);
+        # a failed one takes back everything it created. ctr's order: snapshot, then record.
+        if opts.remove or not finished:
+            _call_quietly(client, "snapshots.remove", {"snapshotter": opts.snapshotter, "key": opts.container_id})
+            _call_quietly(client, "containers.delete", {"id": opts.container_id})
 
 
 def _call_quietly(client: Client, kind: str, payload: dict[str, Any]) -> None:
@@ -143,66 +191,58 @@ def _call_quietly(client: Client, kind: str, payload: dict[str, Any]) -> None:
         pass
 
 
-def _run_task(client: Client, opts: RunOptions, mounts: list[dict[str, Any]]) -> int:
-    """Create, start and wait for the task of a created container; clean up as asked."""
-    # ctr's order on the way out: task, then snapshot, then container record.
-    cleanup: list[tuple[str, dict[str, Any]]] = [
-        ("snapshots.remove", {"snapshotter": opts.snapshotter, "key": opts.container_id}),
-        ("containers.delete", {"id": opts.container_id}),
-    ]
-    fifos: Fifos | None = None
-    finished = False
+def run_task(client: Client, container_id: str, rootfs: list[dict[str, Any]], task_io: TaskIO) -> int:
+    """Create and start a container's task, then (unless detached) relay its stdio until it
+    exits and delete it. Returns its exit status (0 when detached)."""
+    fifos = task_io.fifos(container_id)
+    created = False
+    keep_fifos = False
     try:
-        if opts.detach:
-            client.call("tasks.create", {"container_id": opts.container_id, "rootfs": mounts})
-            client.call("tasks.start", {"container_id": opts.container_id})
-            cleanup.clear()
-            return 0
-        fifos = Fifos(opts.fifo_root, opts.container_id)
-        exit_box: dict[str, Any] = {}
-
-        def wait() -> None:
-            try:
-                exit_box["reply"] = client.call("tasks.wait", {"container_id": opts.container_id}, timeout=WAIT_TIMEOUT)
-            except MoordError as exc:
-                exit_box["error"] = exc
-
         client.call(
             "tasks.create",
-            {"container_id": opts.container_id, "rootfs": mounts, "stdout": fifos.stdout, "stderr": fifos.stderr},
+            {"container_id": container_id, "rootfs": rootfs, "terminal": task_io.tty, **task_io.paths(fifos)},
         )
-        cleanup.insert(0, ("tasks.delete", {"container_id": opts.container_id}))
-        # As ctr: Wait after Create and before Start, so no exit can be missed.
-        waiter = threading.Thread(target=wait, name="wait", daemon=True)
-        waiter.start()
-        _forward_signals(client, opts.container_id)
-        client.call("tasks.start", {"container_id": opts.container_id})
-        fifos.pump()
-        waiter.join()
-        if "error" in exit_box:
-            raise exit_box["error"]
-        finished = True
-        return int(exit_box["reply"]["exit_status"])
+        created = True
+        if task_io.detach:
+            client.call("tasks.start", {"container_id": container_id})
+            keep_fifos = fifos is not None  # `tasks attach` reopens them; `tasks rm` removes them
+            return 0
+        start = lambda: client.call("tasks.start", {"container_id": container_id})  # noqa: E731
+        if fifos is None:
+            # No stdio to relay: just wait (Wait still comes before Start).
+            fifos = FifoSet()
+        status = Session(client, container_id, fifos, tty=task_io.tty).run(start)
+        client.call("tasks.delete", {"container_id": container_id})
+        created = False
+        return status
     finally:
         if fifos is not None:
-            fifos.close()
-        # Without --rm a finished run keeps its container and snapshot (as ctr does);
-        # a failed one takes back everything it created.
-        keep = finished and not opts.remove
-        for kind, payload in cleanup:
-            if keep and kind != "tasks.delete":
-                continue
-            _call_quietly(client, kind, payload)
+            fifos.close(remove=not keep_fifos)
+        if created and not task_io.detach:
+            discard_task(client, container_id)
 
 
-def _forward_signals(client: Client, container_id: str) -> None:
-    """Pass SIGINT/SIGTERM/SIGHUP on to the task, as `ctr run` does."""
-
-    def forward(signum: int, _frame: object) -> None:
+def discard_task(client: Client, container_id: str, exec_id: str = "") -> None:
+    """After a failure: kill the process if it runs, and delete it (best effort, errors ignored)."""
+    ids = {"container_id": container_id, "exec_id": exec_id}
+    for kind, payload, timeout in (
+        ("tasks.kill", {**ids, "signal": 9}, 5.0),
+        ("tasks.wait", ids, 10.0),
+        ("tasks.delete", ids, 10.0),
+    ):
         try:
-            client.call("tasks.kill", {"container_id": container_id, "signal": signum}, timeout=5)
-        except MoordError:
+            client.call(kind, payload, timeout=timeout)
+        except (MoordError, OSError):
             pass
 
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, forward)
+
+def delete_task(client: Client, container_id: str, fifo_root: str, exec_id: str = "") -> dict[str, Any]:
+    """Tasks.Delete, then remove the FIFO dir moorctl made for the process (as ctr's Delete closes its IO)."""
+    ids = {"container_id": container_id, "exec_id": exec_id}
+    try:
+        process = client.call("tasks.get", ids)["process"]
+    except NotFound:
+        process = {}
+    reply = client.call("tasks.delete", ids)
+    remove_fifo_dir(fifo_root, [process.get("stdin", ""), process.get("stdout", ""), process.get("stderr", "")])
+    return reply

@@ -197,3 +197,68 @@ def test_a_run_publishes_containerds_events(imported: Daemon) -> None:
     assert [t for t in topics if t in order] == order, seen
     exit_event = next(e for t, e in seen if t == "/tasks/exit")
     assert exit_event["exit_status"] == 3 and exit_event["container_id"] == "evented" and exit_event["pid"] > 0
+
+
+def test_run_forwards_stdin_until_eof(imported: Daemon) -> None:
+    result = subprocess.run(
+        moorctl_argv(imported.config_path, "run", "--rm", IMAGE, "stdin-cat", "sh", "-c", "cat; echo done"),
+        input="line one\nline two\n", capture_output=True, text=True, timeout=60,
+    )
+    assert (result.returncode, result.stdout) == (0, "line one\nline two\ndone\n"), result.stderr
+
+
+def test_run_options_reach_the_container(imported: Daemon, tmp_path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "note").write_text("from the host\n")
+    script = "echo $GREETING; pwd; id -u; id -g; hostname; cat /data/note; touch /data/x || echo data-ro; touch /y || echo root-ro"
+    result = imported.moorctl(
+        "run", "--rm", "--env", "GREETING=hi", "--cwd", "/tmp", "--user", "65534:65534", "--hostname", "box",
+        "--read-only", "--mount", f"type=bind,src={shared},dst=/data,options=rbind:ro",
+        IMAGE, "opts", "sh", "-c", script,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["hi", "/tmp", "65534", "65534", "box", "from the host", "data-ro", "root-ro"]
+    assert not (shared / "x").exists()
+
+
+def test_bad_run_options_are_clear_errors(imported: Daemon) -> None:
+    both = imported.moorctl("run", "-d", "--rm", IMAGE, "both", "true")
+    assert both.returncode == 1 and "--rm" in both.stderr
+    mount = imported.moorctl("run", "--rm", "--mount", "type=bind,src=relative,dst=/x", IMAGE, "badmount", "true")
+    assert mount.returncode == 1 and "absolute" in mount.stderr
+    assert "both" not in imported.moorctl("containers", "ls").stdout
+
+
+def test_memory_limit_and_tasks_start_of_a_kept_container(imported: Daemon) -> None:
+    try:
+        assert imported.moorctl("run", "-d", "--memory-limit", str(64 << 20), IMAGE, "limited", "sleep", "60").returncode == 0
+        import json
+
+        metrics = json.loads(imported.moorctl("tasks", "metrics", "--format", "json", "limited").stdout)
+        assert metrics["memory"]["limit"] == 64 << 20
+    finally:
+        imported.moorctl("kill", "-s", "KILL", "limited")
+        _wait_exit(imported, "limited")
+        _cleanup(imported, "limited")
+    try:
+        first = imported.moorctl("run", IMAGE, "kept", "sh", "-c", "echo again; exit 2")
+        assert (first.returncode, first.stdout) == (2, "again\n")
+        second = imported.moorctl("tasks", "start", "kept")
+        assert (second.returncode, second.stdout) == (2, "again\n"), second.stderr
+        assert "kept" not in imported.moorctl("tasks", "ls").stdout
+    finally:
+        _cleanup(imported, "kept")
+
+
+def test_runc_binary_selects_crun(imported: Daemon) -> None:
+    import shutil
+
+    if shutil.which("crun") is None:
+        import pytest
+
+        pytest.skip("crun is not installed")
+    result = imported.moorctl("run", "--rm", "--runc-binary", "crun", IMAGE, "on-crun", "echo", "crun ok")
+    assert (result.returncode, result.stdout) == (0, "crun ok\n"), result.stderr
+    via_name = imported.moorctl("run", "--rm", "--runtime", "io.containerd.crun.v2", IMAGE, "on-crun2", "echo", "ok")
+    assert (via_name.returncode, via_name.stdout) == (0, "ok\n"), via_name.stderr
