@@ -485,10 +485,10 @@ class RuntimeActor(ServiceActor):
     def on_start(self) -> None:
         """Start the zygote and the monitor, then re-attach to the shims that survived us."""
         os.makedirs(os.path.join(self.config.state, BUNDLES_DIR), mode=0o711, exist_ok=True)
-        self.zygote.start()
         self.monitor = ShimMonitor(self.actor_ref.tell)
         self.monitor.start()
-        self._reattach()
+        self._reattach()  # first: running tasks matter more than the next create
+        self.zygote.start()
 
     def on_stop(self) -> None:
         """Leave the shims running; stop our threads and the zygote."""

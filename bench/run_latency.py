@@ -116,34 +116,135 @@ def bench_runc(base: str, runs: int, layout: str) -> list[float]:
     return timed(runs, once)
 
 
-def bench_containerd(base: str, runs: int, layout_tar: str) -> list[float] | None:
-    if not shutil.which("containerd") or not shutil.which("ctr"):
-        return None
-    cdir = os.path.join(base, "containerd")
-    os.makedirs(cdir)
-    sock = os.path.join(cdir, "containerd.sock")
-    config = os.path.join(cdir, "config.toml")
-    with open(config, "w") as fh:
-        fh.write(f'version = 2\nroot = "{cdir}/root"\nstate = "{cdir}/state"\n[grpc]\naddress = "{sock}"\n')
-        fh.write('disabled_plugins = ["io.containerd.grpc.v1.cri"]\n')
-    proc = subprocess.Popen(["containerd", "--config", config], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        for _ in range(200):
-            if subprocess.run(["ctr", "-a", sock, "version"], capture_output=True).returncode == 0:
-                break
+class Containerd:
+    """A containerd of our own on a temporary root/state/socket, its runc root and shims included.
+
+    Use as a context manager: on the way out every task is killed and removed, containerd
+    is stopped, shims that outlive it are killed by pid, runc state is deleted, mounts
+    under its directory are unmounted and the directory is removed, even on failure.
+    """
+
+    def __init__(self, base: str, cgroup: str = "") -> None:
+        self.dir = os.path.join(base, "containerd")
+        self.sock = os.path.join(self.dir, "containerd.sock")
+        self.runc_root = os.path.join(self.dir, "runc")
+        self.cgroup = cgroup  # a cpuacct cgroup dir to start containerd in ("" for none)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @staticmethod
+    def available() -> bool:
+        """Whether containerd and ctr are installed."""
+        return bool(shutil.which("containerd") and shutil.which("ctr"))
+
+    def ctr(self, *args: str, check: bool = False) -> subprocess.CompletedProcess[bytes]:
+        """Run ctr against our containerd."""
+        return subprocess.run(["ctr", "-a", self.sock, *args], capture_output=True, check=check)
+
+    def __enter__(self) -> "Containerd":
+        os.makedirs(self.dir)
+        config = os.path.join(self.dir, "config.toml")
+        with open(config, "w") as fh:
+            # Top-level keys first: anything after a [table] header belongs to that table.
+            fh.write(
+                f'version = 2\nroot = "{self.dir}/root"\nstate = "{self.dir}/state"\n'
+                'disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.aufs", '
+                '"io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs", '
+                '"io.containerd.snapshotter.v1.devmapper", "io.containerd.tracing.processor.v1.otlp", '
+                '"io.containerd.internal.v1.tracing"]\n'
+                f'[grpc]\naddress = "{self.sock}"\n[ttrpc]\naddress = "{self.sock}.ttrpc"\n'
+                f'[plugins."io.containerd.internal.v1.opt"]\npath = "{self.dir}/opt"\n'
+            )
+
+        def join_cgroup() -> None:
+            if self.cgroup:
+                with open(os.path.join(self.cgroup, "cgroup.procs"), "w") as fh:
+                    fh.write(str(os.getpid()))
+
+        self.proc = subprocess.Popen(
+            ["containerd", "--config", config], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=join_cgroup
+        )
+        for _ in range(300):
+            if self.ctr("version").returncode == 0:
+                return self
             time.sleep(0.1)
-        subprocess.run(["ctr", "-a", sock, "images", "import", layout_tar], check=True, capture_output=True)
+        self.__exit__(None, None, None)
+        raise SystemExit("containerd did not start")
+
+    def run_args(self, *args: str) -> list[str]:
+        """`ctr run` with our runc root."""
+        return ["ctr", "-a", self.sock, "run", "--runc-root", self.runc_root, *args]
+
+    def shim_pids(self) -> list[int]:
+        """Pids of containerd-shim-runc-v2 processes serving our containerd."""
+        found = []
+        for name in os.listdir("/proc"):
+            if not name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{name}/cmdline", "rb") as fh:
+                    argv = fh.read().split(b"\0")
+            except OSError:
+                continue
+            if argv and argv[0].endswith(b"containerd-shim-runc-v2") and self.sock.encode() in argv:
+                found.append(int(name))
+        return found
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if self.proc is not None and self.proc.poll() is None:
+                listed = self.ctr("tasks", "ls", "-q").stdout.decode().split()
+                for cid in listed:
+                    self.ctr("tasks", "kill", "-s", "KILL", cid)
+                for cid in listed:
+                    for _ in range(50):
+                        if self.ctr("tasks", "rm", "-f", cid).returncode == 0:
+                            break
+                        time.sleep(0.1)
+                for cid in self.ctr("containers", "ls", "-q").stdout.decode().split():
+                    self.ctr("containers", "rm", cid)
+        finally:
+            shims = self.shim_pids()
+            if self.proc is not None:
+                self.proc.terminate()
+                try:
+                    self.proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait(10)
+            for pid in shims:
+                try:
+                    os.kill(pid, 9)
+                except ProcessLookupError:
+                    pass
+            for ns_root in _subdirs(self.runc_root):
+                for cid in subprocess.run(["runc", "--root", ns_root, "list", "-q"], capture_output=True, text=True).stdout.split():
+                    subprocess.run(["runc", "--root", ns_root, "delete", "-f", cid], capture_output=True)
+            unmount_under(self.dir)
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _subdirs(path: str) -> list[str]:
+    return [os.path.join(path, n) for n in os.listdir(path)] if os.path.isdir(path) else []
+
+
+def unmount_under(base: str) -> None:
+    """Lazily unmount everything mounted below `base`, deepest first."""
+    with open("/proc/self/mountinfo") as fh:
+        targets = [line.split()[4] for line in fh]
+    for target in sorted({t for t in targets if t.startswith(base.rstrip("/") + "/")}, key=len, reverse=True):
+        subprocess.run(["umount", "-l", target], capture_output=True)
+
+
+def bench_containerd(base: str, runs: int, layout_tar: str) -> list[float] | None:
+    if not Containerd.available():
+        return None
+    with Containerd(base) as cd:
+        cd.ctr("images", "import", layout_tar, check=True)
 
         def once(i: int) -> None:
-            subprocess.run(["ctr", "-a", sock, "run", "--rm", IMAGE, f"cd{i + 1}", "/bin/true"], check=True, capture_output=True)
+            subprocess.run(cd.run_args("--rm", IMAGE, f"cd{i + 1}", "/bin/true"), check=True, capture_output=True)
 
         return timed(runs, once)
-    finally:
-        subprocess.run(["ctr", "-a", sock, "tasks", "ls"], capture_output=True)
-        proc.terminate()
-        proc.wait(30)
-        subprocess.run(["pkill", "-f", f"containerd-shim-runc-v2.*{cdir}"], capture_output=True)
-        subprocess.run(["sh", "-c", f"grep -o ' {cdir}[^ ]*' /proc/self/mounts | xargs -r -n1 umount -l"], capture_output=True)
 
 
 def main() -> None:
@@ -176,8 +277,7 @@ def main() -> None:
         if moord is not None:
             moord.terminate()
             moord.wait(60)
-        subprocess.run(["pkill", "-f", base], capture_output=True)
-        subprocess.run(["sh", "-c", f"grep -o ' {base}[^ ]*' /proc/self/mounts | sort -r | xargs -r -n1 umount -l"], capture_output=True)
+        unmount_under(base)
         for root in (os.path.join(base, "runc"),):
             if os.path.isdir(root):
                 for cid in subprocess.run(["runc", "--root", root, "list", "-q"], capture_output=True, text=True).stdout.split():

@@ -1,4 +1,6 @@
-"""A container's cgroup, read directly: statistics (v1 and v2) and the v1 OOM eventfd.
+"""A container's cgroup, read directly: statistics (v1 and v2) and OOM notifications
+(v1: an eventfd registered on memory.oom_control; v2: inotify on memory.events, whose
+oom_kill counter the kernel bumps, notifying watchers of the file).
 
 Reading the files costs a few open/read calls; `runc events --stats` would cost a
 process start per request, which is the density problem containerd users report.
@@ -172,6 +174,88 @@ def oom_kills(cgroups_path: str) -> int:
     else:
         values = _flat(os.path.join(controller_dir("memory", cgroups_path), "memory.oom_control"))
     return values.get("oom_kill", -1)
+
+
+def watch_oom(cgroups_path: str) -> "OomWatch | CounterWatch":
+    """Whichever OOM notification fits the container's memory cgroup: v1 where the memory
+    controller is a v1 hierarchy, else memory.events on the unified (v2) tree.
+
+    On a hybrid host the v2 tree is /sys/fs/cgroup/unified; it holds memory.events only
+    when the memory controller is bound there. OSError/ValueError when neither exists.
+    """
+    relative = _relative(cgroups_path)
+    if not unified() and os.path.isdir(controller_dir("memory", cgroups_path)):
+        return OomWatch(cgroups_path)
+    for root in (CGROUP_ROOT, os.path.join(CGROUP_ROOT, "unified")):
+        events = os.path.join(root, relative, "memory.events")
+        if os.path.exists(events):
+            return CounterWatch(events, "oom_kill")
+    raise FileNotFoundError(f"no memory cgroup for {cgroups_path} (v1 or v2)")
+
+
+IN_MODIFY = 0x00000002
+IN_NONBLOCK = os.O_NONBLOCK
+IN_CLOEXEC = os.O_CLOEXEC
+
+
+class CounterWatch:
+    """One counter of a cgroup v2 keyed file (memory.events `oom_kill`), watched with inotify.
+
+    cgroup v2 notifies a file's watchers (IN_MODIFY) whenever one of its events changes;
+    each wake-up is checked against the counter, so only a growth counts. The removal of
+    the cgroup need not wake the watch (our watch pins the inode); `gone` tells it.
+    Same interface as the v1 OomWatch: fd, fired(), gone(), close().
+    """
+
+    def __init__(self, path: str, key: str) -> None:
+        from moord.linux.libc import libc
+
+        self.path = path
+        self.key = key
+        fd = libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
+        if fd < 0:
+            code = ctypes_errno()
+            raise OSError(code, f"inotify_init1: {os.strerror(code)}")
+        if libc.inotify_add_watch(fd, os.fsencode(path), IN_MODIFY) < 0:
+            code = ctypes_errno()
+            os.close(fd)
+            raise OSError(code, f"inotify_add_watch {path}: {os.strerror(code)}")
+        self.fd = fd
+        self.seen = max(0, self.count())
+
+    def count(self) -> int:
+        """The counter's value now (-1 if unreadable)."""
+        return _flat(self.path).get(self.key, -1)
+
+    def fired(self) -> bool:
+        """Drain the inotify queue; True when the counter grew since the last call."""
+        try:
+            while os.read(self.fd, 4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+        count = self.count()
+        if count > self.seen:
+            self.seen = count
+            return True
+        return False
+
+    def gone(self) -> bool:
+        """Whether the watched file (its cgroup) has been removed."""
+        return not os.path.exists(self.path)
+
+    def close(self) -> None:
+        """Close the inotify fd (its watch goes with it)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def ctypes_errno() -> int:
+    """errno of the last libc call made through ctypes."""
+    import ctypes
+
+    return ctypes.get_errno()
 
 
 class OomWatch:

@@ -17,7 +17,14 @@ from moord.shims.shim import ShimConfig
 from moord.shims.zygote import serve_zygote, spawn_detached
 
 # Loaded before the zygote forks, so every shim shares these pages copy-on-write.
-PRELOAD = ("moord.bus.events", "moord.messages.events", "moord.linux.mount", "setproctitle")
+PRELOAD = (
+    "moord.bus.events",
+    "moord.linux.mount",
+    "setproctitle",
+    "faulthandler",
+    "termios",
+    "logging",
+)
 
 
 def main(argv: list[str] | None = None) -> int:

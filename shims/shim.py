@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import gc
 import hashlib
 import json
 import logging
@@ -47,7 +48,6 @@ import zmq
 from moord.linux.files import read_small, write_atomic
 from moord.linux.process import PR_SET_CHILD_SUBREAPER, prctl
 from moord.messages import envelope as codec
-from moord.messages.base import Empty, KindSpec, Message
 from moord.messages.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -57,25 +57,10 @@ from moord.messages.errors import (
     NotFound,
     Unimplemented,
 )
-from moord.messages.requests import decode_request, request_id_of
-from moord.messages.shim import (
-    ShimCloseIO,
-    ShimCreate,
-    ShimDelete,
-    ShimExec,
-    ShimKill,
-    ShimPause,
-    ShimPids,
-    ShimResizePty,
-    ShimResume,
-    ShimStart,
-    ShimState,
-    ShimStateReply,
-    ShimUpdate,
-    ShimWait,
-)
-from moord.messages.tasks import DeleteTaskReply, PidReply, PidsReply, Process, ProcessInfo, WaitReply
+from moord.shims import wire
+from moord.shims.wire import Request
 
+Reply = dict[str, Any]  # a reply payload, as the models in messages/tasks.py dump it
 log = logging.getLogger("moord.shim")
 
 BUNDLES_DIR = "io.containerd.runtime.v2.task"
@@ -546,11 +531,12 @@ class Shim:
         self.done = False
         self.cgroups_path = ""
         self._oom: Any = None
+        self._trim_pending = False
         self._context: zmq.Context | None = None
         self._router: zmq.Socket | None = None
         self._wake_r = -1
         self._events: Any = None
-        self._handlers: dict[str, Callable[[Any], Any]] = {
+        self._handlers: dict[str, Callable[[Request], Reply]] = {
             "shim.create": self.create,
             "shim.start": self.start,
             "shim.state": self.state,
@@ -614,7 +600,7 @@ class Shim:
         write_atomic(os.path.join(self.bundle, ADDRESS_FILE), f"ipc://{path}".encode())
         write_atomic(os.path.join(self.bundle, SHIM_PID_FILE), str(os.getpid()).encode())
 
-    def _publish(self, topic: str, event: Message) -> None:
+    def _publish(self, topic: str, event: dict[str, Any]) -> None:
         # Events are best effort: the exchange may be restarting, the exit file stays.
         try:
             self._events.publish(topic, self.config.namespace, event)
@@ -663,6 +649,9 @@ class Shim:
                 self._check_oom()
             if self._router in ready:
                 self._drain_requests()
+                self._trim_pending = True
+            elif not ready and self._trim_pending:
+                self._trim_memory()
             if time.monotonic() - last_check >= IDLE_CHECK_SECONDS:
                 last_check = time.monotonic()
                 if not os.path.isdir(self.bundle):
@@ -670,6 +659,18 @@ class Shim:
                     self._teardown(force=True)
                     self.done = True
         self._close()
+
+    def _trim_memory(self) -> None:
+        """Once idle after requests: collect, and hand freed heap pages back to the kernel.
+
+        runc runs and request decoding leave freed but resident malloc pages behind;
+        a shim idles for the container's lifetime, so they would be paid per container.
+        """
+        self._trim_pending = False
+        gc.collect()
+        from moord.linux.libc import libc
+
+        libc.malloc_trim(0)
 
     def _drain_wakeups(self) -> None:
         try:
@@ -705,8 +706,6 @@ class Shim:
                     self._exited(proc)
 
     def _exited(self, proc: _Proc) -> None:
-        from moord.messages.events import TaskExit
-
         if proc.io is not None:
             for copier in proc.io.copiers:
                 copier.on_writable()  # last bytes, if the reader takes them
@@ -722,25 +721,23 @@ class Shim:
         log.info("%s %d exited with %d", proc.exec_id or "init", proc.pid, proc.exit_status)
         self._publish(
             "/tasks/exit",
-            TaskExit(
-                container_id=self.config.container_id,
-                id=proc.exec_id or self.config.container_id,
-                pid=proc.pid,
-                exit_status=proc.exit_status,
-                exited_at=proc.exited_at,
-            ),
+            {  # messages.events.TaskExit
+                "container_id": self.config.container_id,
+                "id": proc.exec_id or self.config.container_id,
+                "pid": proc.pid,
+                "exit_status": proc.exit_status,
+                "exited_at": proc.exited_at,
+            },
         )
-        reply = WaitReply(exit_status=proc.exit_status, exited_at=proc.exited_at).model_dump()
+        reply = {"exit_status": proc.exit_status, "exited_at": proc.exited_at}  # WaitReply
         waiters, proc.waiters = proc.waiters, []
         for waiter in waiters:
             self._send(waiter.identity, waiter.request_id, reply)
 
     def _check_oom(self) -> None:
-        from moord.messages.events import TaskOOM
-
         if self._oom.fired():
             log.info("OOM kill in %s", self.cgroups_path)
-            self._publish("/tasks/oom", TaskOOM(container_id=self.config.container_id))
+            self._publish("/tasks/oom", {"container_id": self.config.container_id})  # TaskOOM
         elif self._oom.gone():
             self._oom.close()
             self._oom = None
@@ -755,28 +752,25 @@ class Shim:
             identity, frames = parts[0], parts[1:]
             request_id = ""
             try:
-                decoded = decode_request(frames, self._accept)
-                request_id, envelope, request = decoded.request_id, decoded.envelope, decoded.message
-                handler = self._handlers[envelope.kind]
-                log.debug("%s %s", envelope.kind, request_id)
-                if isinstance(request, ShimWait):
+                if len(frames) != 1:
+                    raise InvalidArgument("a shim request is one frame")
+                request = wire.decode(frames[0], self._handlers)
+                request_id = request.request_id
+                log.debug("%s %s", request.kind, request_id)
+                if request.kind == "shim.wait":
                     proc = self._proc(request.exec_id)
                     if proc.status != "stopped":
                         proc.waiters.append(_Waiter(identity, request_id))
                         continue
-                result = handler(request)
-                self._send(identity, request_id, result.model_dump())
+                result = self._handlers[request.kind](request)
+                self._send(identity, request_id, result)
             except MoordError as exc:
-                self._send(identity, request_id or request_id_of(exc), exc.to_wire(), True)
+                self._send(identity, request_id or wire.request_id_of(exc), exc.to_wire(), True)
             except Exception as exc:  # one bad request must not kill the shim
                 log.exception("request failed")
                 self._send(identity, request_id, Internal(f"{type(exc).__name__}: {exc}").to_wire(), True)
             if self.done:
                 return
-
-    def _accept(self, spec: KindSpec) -> None:
-        if spec.kind not in self._handlers:
-            raise Unimplemented(f"the shim does not serve {spec.kind[:128]!r}")
 
     def _send(self, identity: bytes, request_id: str, payload: Any, is_error: bool = False) -> None:
         assert self._router is not None
@@ -919,7 +913,7 @@ class Shim:
             raise NotFound(f"process {exec_id} does not exist in task {self.config.container_id}")
         return proc
 
-    def create(self, request: ShimCreate) -> PidReply:
+    def create(self, request: Request) -> Reply:
         """Mount the rootfs, wire stdio and `runc create` the container."""
         if self.init.status != "unknown":
             raise AlreadyExists(f"task {self.config.container_id} is already created")
@@ -945,20 +939,20 @@ class Shim:
             raise
         proc.status = "created"
         self._watch_oom()
-        return PidReply(pid=proc.pid)
+        return {"pid": proc.pid}
 
     def _watch_oom(self) -> None:
         from moord.shims import cgroups
 
         self.cgroups_path = spec_cgroups_path(self.bundle)
-        if not self.cgroups_path or cgroups.unified():
-            return  # v2: the oom_kill counter is read at the exit instead
+        if not self.cgroups_path:
+            return
         try:
-            self._oom = cgroups.OomWatch(self.cgroups_path)
+            self._oom = cgroups.watch_oom(self.cgroups_path)
         except (OSError, ValueError) as exc:
             log.warning("no OOM notifications for %s: %s", self.cgroups_path, exc)
 
-    def start(self, request: ShimStart) -> PidReply:
+    def start(self, request: Request) -> Reply:
         """`runc start` (init) or `runc exec --detach` (an exec'd process)."""
         proc = self._proc(request.exec_id)
         if proc.status != "created":
@@ -969,7 +963,7 @@ class Shim:
                 raise Internal(self._runc_failed("runc start", result))
             if proc.status == "created":
                 proc.status = "running"
-            return PidReply(pid=proc.pid)
+            return {"pid": proc.pid}
         if self.init.status not in ("running", "paused") or self.init.reaped:
             raise FailedPrecondition(f"task {self.config.container_id} is {self.init.status}: cannot exec")
         process_file = os.path.join(self.bundle, f"{EXEC_FILE_PREFIX}{proc.exec_id}.json")
@@ -993,34 +987,32 @@ class Shim:
                 except FileNotFoundError:
                     pass
         proc.status = "running"
-        return PidReply(pid=proc.pid)
+        return {"pid": proc.pid}
 
-    def _process(self, proc: _Proc) -> Process:
-        return Process(
-            container_id=self.config.container_id,
-            id=proc.exec_id or self.config.container_id,
-            pid=proc.pid,
-            status=proc.status,  # type: ignore[arg-type]
-            stdin=proc.stdio[0],
-            stdout=proc.stdio[1],
-            stderr=proc.stdio[2],
-            terminal=proc.terminal,
-            exit_status=proc.exit_status,
-            exited_at=proc.exited_at,
-        )
+    def _process(self, proc: _Proc) -> Reply:
+        return {  # messages.tasks.Process
+            "container_id": self.config.container_id,
+            "id": proc.exec_id or self.config.container_id,
+            "pid": proc.pid,
+            "status": proc.status,
+            "stdin": proc.stdio[0],
+            "stdout": proc.stdio[1],
+            "stderr": proc.stdio[2],
+            "terminal": proc.terminal,
+            "exit_status": proc.exit_status,
+            "exited_at": proc.exited_at,
+        }
 
-    def state(self, request: ShimState | None = None) -> ShimStateReply:
+    def state(self, request: Request | None = None) -> Reply:
         """The init's state and every exec'd process's."""
-        return ShimStateReply(
-            process=self._process(self.init), execs=[self._process(p) for p in self.execs.values()]
-        )
+        return {"process": self._process(self.init), "execs": [self._process(p) for p in self.execs.values()]}
 
-    def wait(self, request: ShimWait) -> WaitReply:
+    def wait(self, request: Request) -> Reply:
         """The exit (the loop parks waits that arrive before it)."""
         proc = self._proc(request.exec_id)
-        return WaitReply(exit_status=proc.exit_status, exited_at=proc.exited_at)
+        return {"exit_status": proc.exit_status, "exited_at": proc.exited_at}
 
-    def kill(self, request: ShimKill) -> Message:
+    def kill(self, request: Request) -> Reply:
         """`runc kill` the init (or every process with all=True); kill(2) an exec'd process."""
         proc = self._proc(request.exec_id)
         if proc.exec_id:
@@ -1030,7 +1022,7 @@ class Shim:
                 raise NotFound(f"process {proc.exec_id} already finished")
             # Safe from pid reuse: an unreaped child's pid stays ours.
             os.kill(proc.pid, request.signal)
-            return Empty()
+            return {}
         if proc.reaped and not request.all:
             raise NotFound(f"process {proc.pid} already finished")
         args = ["kill"] + (["--all"] if request.all else []) + [self.config.container_id, str(request.signal)]
@@ -1039,12 +1031,12 @@ class Shim:
             self._reap()
             if proc.reaped:
                 if request.all:
-                    return Empty()
+                    return {}
                 raise NotFound(f"process {proc.pid} already finished")
             raise Internal(self._runc_failed("runc kill", result))
-        return Empty()
+        return {}
 
-    def delete(self, request: ShimDelete) -> DeleteTaskReply:
+    def delete(self, request: Request) -> Reply:
         """Init: `runc delete`, unmount the rootfs, answer, then exit. Exec: forget the process."""
         proc = self._proc(request.exec_id)
         if proc.exec_id:
@@ -1052,14 +1044,14 @@ class Shim:
                 raise FailedPrecondition(f"process {proc.exec_id} must be stopped before deletion")
             proc.close_io()
             del self.execs[proc.exec_id]
-            return DeleteTaskReply(id=proc.exec_id, pid=proc.pid, exit_status=proc.exit_status, exited_at=proc.exited_at)
+            return {"id": proc.exec_id, "pid": proc.pid, "exit_status": proc.exit_status, "exited_at": proc.exited_at}
         if proc.status in ("running", "paused"):
             raise FailedPrecondition(f"task {self.config.container_id} must be stopped before deletion")
         self._teardown(force=proc.status == "created")
         self.done = True
-        return DeleteTaskReply(id=self.config.container_id, pid=proc.pid, exit_status=proc.exit_status, exited_at=proc.exited_at)
+        return {"id": self.config.container_id, "pid": proc.pid, "exit_status": proc.exit_status, "exited_at": proc.exited_at}
 
-    def exec(self, request: ShimExec) -> Message:
+    def exec(self, request: Request) -> Reply:
         """Record an exec'd process; `start` runs it."""
         if self.init.status not in ("running", "paused") or self.init.reaped:
             raise FailedPrecondition(f"task {self.config.container_id} is {self.init.status}: cannot exec")
@@ -1075,9 +1067,9 @@ class Shim:
             terminal=request.terminal,
             spec=request.spec,
         )
-        return Empty()
+        return {}
 
-    def pids(self, request: ShimPids) -> PidsReply:
+    def pids(self, request: Request) -> Reply:
         """`runc ps`: the container's pids, each with the exec that started it."""
         self._proc("")
         result = self._runc("ps", "--format", "json", self.config.container_id)
@@ -1088,9 +1080,9 @@ class Shim:
         except ValueError:
             raise Internal("runc ps printed no JSON") from None
         by_pid = {p.pid: p.exec_id for p in self.execs.values() if p.pid}
-        return PidsReply(processes=[ProcessInfo(pid=int(pid), exec_id=by_pid.get(int(pid), "")) for pid in pids])
+        return {"processes": [{"pid": int(pid), "exec_id": by_pid.get(int(pid), "")} for pid in pids]}  # PidsReply
 
-    def pause(self, request: ShimPause) -> Message:
+    def pause(self, request: Request) -> Reply:
         """`runc pause`: freeze the container."""
         if self._proc("").status != "running" or self.init.reaped:
             raise FailedPrecondition(f"task {self.config.container_id} is {self.init.status}, not running")
@@ -1098,9 +1090,9 @@ class Shim:
         if result.returncode != 0:
             raise Internal(self._runc_failed("runc pause", result))
         self.init.status = "paused"
-        return Empty()
+        return {}
 
-    def resume(self, request: ShimResume) -> Message:
+    def resume(self, request: Request) -> Reply:
         """`runc resume`: thaw the container."""
         if self._proc("").status != "paused":
             raise FailedPrecondition(f"task {self.config.container_id} is {self.init.status}, not paused")
@@ -1108,9 +1100,9 @@ class Shim:
         if result.returncode != 0:
             raise Internal(self._runc_failed("runc resume", result))
         self.init.status = "running"
-        return Empty()
+        return {}
 
-    def update(self, request: ShimUpdate) -> Message:
+    def update(self, request: Request) -> Reply:
         """`runc update --resources -` with an OCI LinuxResources object."""
         if self._proc("").status not in ("created", "running", "paused"):
             raise FailedPrecondition(f"task {self.config.container_id} is {self.init.status}")
@@ -1118,9 +1110,9 @@ class Shim:
         result = self._runc("update", "--resources", "-", self.config.container_id, input_data=data)
         if result.returncode != 0:
             raise InvalidArgument(self._runc_failed("runc update", result))
-        return Empty()
+        return {}
 
-    def resize_pty(self, request: ShimResizePty) -> Message:
+    def resize_pty(self, request: Request) -> Reply:
         """TIOCSWINSZ on the process's pty master."""
         import termios
 
@@ -1128,9 +1120,9 @@ class Shim:
         if proc.console < 0:
             raise FailedPrecondition(f"process {request.exec_id or self.config.container_id} has no terminal")
         fcntl.ioctl(proc.console, termios.TIOCSWINSZ, struct.pack("HHHH", request.height, request.width, 0, 0))
-        return Empty()
+        return {}
 
-    def close_io(self, request: ShimCloseIO) -> Message:
+    def close_io(self, request: Request) -> Reply:
         """Stop feeding the process's terminal from its stdin FIFO (FIFO stdin: the client closes it)."""
         proc = self._proc(request.exec_id)
         if proc.io is not None and proc.io.stdin_copier is not None:
@@ -1141,7 +1133,7 @@ class Shim:
                     os.write(proc.console, b"\x04")  # EOF for the line discipline, as a closed stdin
                 except OSError:
                     pass
-        return Empty()
+        return {}
 
     def _teardown(self, force: bool) -> None:
         """Remove runc's container and unmount the rootfs; safe to repeat."""
@@ -1197,15 +1189,19 @@ def _tail(bundle: str) -> bytes:
 
 
 
+def configure_logging() -> None:
+    """The shim's log format, to stderr (the bundle's shim.log once detached)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
 def run_shim(config: ShimConfig, ready_fd: int) -> None:
     """Become the shim (in an already detached process): bind, report ready on `ready_fd`, serve."""
     try:
         from setproctitle import setproctitle
 
-        logging.basicConfig(
-            level=logging.DEBUG if config.debug else logging.INFO,
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        )
+        configure_logging()  # done already in a zygote (shared pages): then a no-op
+        if config.debug:
+            logging.getLogger().setLevel(logging.DEBUG)
 
         setproctitle(config.title)
         shim = Shim(config)

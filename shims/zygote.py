@@ -1,12 +1,20 @@
 """The shim zygote: a pre-loaded, single-threaded process that forks shims on request.
 
-Starting a Python shim from scratch costs an interpreter start plus imports of zmq,
-msgpack, pydantic and the message models. The zygote pays that once: the runtime actor
-starts it as its child (it dies with the runtime through PR_SET_PDEATHSIG), and asks it
-over a socketpair to spawn a shim. The zygote forks; the child calls setsid and forks
-again, so the grandchild (the shim) has its own session and is re-parented away from
-the daemon; the grandchild binds its endpoint and reports its pid through a pipe. The
-zygote must never create a ZeroMQ context or a thread: fork would copy them broken.
+Starting a Python shim from scratch costs an interpreter start plus imports of zmq and
+msgpack. The zygote pays that once: the runtime actor starts it as its child (it dies
+with the runtime through PR_SET_PDEATHSIG), and asks it over a socketpair to spawn a
+shim. The zygote forks; the child calls setsid and forks again, so the grandchild (the
+shim) has its own session and is re-parented away from the daemon; the grandchild binds
+its endpoint and reports its pid through a pipe. The zygote must never create a ZeroMQ
+context or a thread: fork would copy them broken.
+
+Memory: a shim's cost is the pages it does not share with the zygote. So the zygote
+loads only what a shim runs (never pydantic: the shim decodes its requests with
+shims/wire.py), and freezes the GC before forking (gc.freeze) so that a shim's
+collections never walk, and thereby dirty, the objects it shares.
+
+Latency: one shim is always forked ahead (detached, blocked on a pipe until it is given
+its config), so a create waits only for its bind; the next is forked after answering.
 
 Protocol on the socketpair: one JSON object per line each way.
   zygote -> runtime at start: {"ready": true, "pid": N}
@@ -16,6 +24,7 @@ Protocol on the socketpair: one JSON object per line each way.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import select
@@ -30,14 +39,16 @@ from dataclasses import dataclass
 
 from moord.messages.errors import Internal, InvalidArgument, MoordError, Unavailable
 from moord.linux.process import PR_SET_PDEATHSIG, prctl
-from moord.shims.shim import SHIM_LOG_FILE, ShimConfig, run_shim
+from moord.shims.shim import SHIM_LOG_FILE, ShimConfig, configure_logging, run_shim
+from setproctitle import setproctitle
 
 # Everything a shim imports lazily is loaded here once, so forked shims share it.
+# Never pydantic: see shims/wire.py (tests/test_shim_memory.py checks it stays out).
 import moord.linux.mount  # noqa: E402,F401
-import moord.messages.requests  # noqa: E402,F401
 import moord.shims.cgroups  # noqa: E402,F401
 
 ZYGOTE_TITLE = "moord-shim: zygote"
+IDLE_TITLE = "moord-shim: idle"
 SPAWN_TIMEOUT = 15.0
 START_TIMEOUT = 30.0
 
@@ -50,25 +61,160 @@ def serve_zygote(fd: int, parent_pid: int) -> None:
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent_pid:  # the runtime died before PDEATHSIG was armed
         os._exit(0)
-    from setproctitle import setproctitle
-
     setproctitle(ZYGOTE_TITLE)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the runtime decides when we stop
     sock = socket.socket(fileno=fd)
     reader = sock.makefile("rb")
+    configure_logging()  # once here, shared, rather than in every shim
+    _warm_up()
+    # Everything loaded so far goes to the permanent generation: a shim's collections
+    # then never walk (and so never dirty) the pages it shares with us.
+    gc.collect()
+    gc.freeze()
     sock.sendall(json.dumps({"ready": True, "pid": os.getpid()}).encode() + b"\n")
+    idle = _IdleShim.fork()
     for line in reader:
         try:
             request = json.loads(line)
             config = ShimConfig.from_dict(request["config"])
-            pid, ready_ms = spawn_detached(config)
+            pid, ready_ms = -1, 0.0
+            if idle is not None:
+                try:
+                    pid, ready_ms = idle.become(config)
+                except _IdleGone:
+                    pid = -1  # it died idle (killed by someone): fork a fresh one below
+                idle = None
+            if pid < 0:
+                pid, ready_ms = spawn_detached(config)
             answer = {"pid": pid, "ready_ms": ready_ms}
         except MoordError as exc:
             answer = {"error": exc.message, "code": exc.code}
         except Exception as exc:
             answer = {"error": f"{type(exc).__name__}: {exc}", "code": "internal"}
         sock.sendall(json.dumps(answer).encode() + b"\n")
+        if idle is None:
+            idle = _IdleShim.fork()  # off the critical path: the answer is already sent
     os._exit(0)
+
+
+class _IdleGone(Exception):
+    """The pre-forked shim died before it was given a task."""
+
+
+class _IdleShim:
+    """A shim forked (and detached) ahead of time, blocked until it is given its config.
+
+    The fork, the second fork, setsid and the fd clean-up are paid between requests, so
+    a create waits only for the shim's bind. A shim that dies idle is replaced; one whose
+    zygote goes away reads EOF and exits.
+    """
+
+    def __init__(self, config_w: int, ready_r: int) -> None:
+        self.config_w = config_w
+        self.ready_r = ready_r
+
+    @classmethod
+    def fork(cls) -> "_IdleShim | None":
+        """Fork an idle shim (None if fork fails: spawns then fork on demand)."""
+        gc.freeze()
+        try:
+            config_r, config_w = os.pipe2(os.O_CLOEXEC)
+            ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            child = os.fork()
+        except OSError:
+            for fd in (config_r, config_w, ready_r, ready_w):
+                os.close(fd)
+            return None
+        if child == 0:  # pragma: no cover - runs in the forked children
+            try:
+                os.close(config_w)
+                os.close(ready_r)
+                os.setsid()
+                if os.fork() != 0:
+                    os._exit(0)
+                _detach(None, (config_r, ready_w))
+                setproctitle(IDLE_TITLE)
+                data = _read_until_eof(config_r, None)
+                if not data:
+                    os._exit(0)  # the zygote went away without using us
+                config = ShimConfig.from_dict(json.loads(data))
+                os.close(config_r)
+                if not os.path.isdir(config.bundle):
+                    raise InvalidArgument(f"bundle {config.bundle} does not exist")
+                _log_to_bundle(config)
+                run_shim(config, ready_w)
+                os._exit(0)
+            except BaseException as exc:
+                try:
+                    os.write(ready_w, f"!{type(exc).__name__}: {exc}".encode()[:4000])
+                except OSError:
+                    pass
+                os._exit(1)
+        os.close(config_r)
+        os.close(ready_w)
+        os.waitpid(child, 0)
+        return cls(config_w, ready_r)
+
+    def become(self, config: ShimConfig, timeout: float = SPAWN_TIMEOUT) -> tuple[int, float]:
+        """Hand the config over; return the shim's pid and config-to-ready ms."""
+        if not os.path.isdir(config.bundle):
+            self.close()
+            raise InvalidArgument(f"bundle {config.bundle} does not exist")
+        started = time.monotonic()
+        try:
+            os.write(self.config_w, json.dumps(config.to_dict()).encode())
+        except OSError:  # EPIPE: the idle shim is gone
+            self.close()
+            raise _IdleGone() from None
+        os.close(self.config_w)
+        self.config_w = -1
+        try:
+            data = _read_until_eof(self.ready_r, timeout)
+        finally:
+            self.close()
+        text = data.decode(errors="replace").strip()
+        if not text:
+            raise _IdleGone()
+        if text.startswith("!"):
+            raise Internal(f"shim for {config.namespace}/{config.container_id} failed: {text[1:]}")
+        return int(text), (time.monotonic() - started) * 1000.0
+
+    def close(self) -> None:
+        """Close our ends (an idle shim then reads EOF and exits)."""
+        for name in ("config_w", "ready_r"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, name, -1)
+
+
+def _warm_up() -> None:
+    """Run the paths every shim runs (request decoding, replies, a child process), so
+    that CPython's adaptive interpreter specialises their bytecode here, once, rather
+    than writing into the shared code objects of every shim."""
+    from moord.messages import envelope as codec
+    from moord.shims import wire
+
+    frames = [
+        codec.request_frame("w", kind, payload)
+        for kind, payload in (
+            ("shim.create", {"rootfs": [{"type": "overlay", "source": "overlay", "options": ["ro"]}], "stdout": "/x"}),
+            ("shim.start", {}),
+            ("shim.wait", {}),
+            ("shim.state", {}),
+            ("shim.kill", {"signal": 9}),
+            ("shim.delete", {}),
+        )
+    ]
+    for _ in range(16):  # past the interpreter's warm-up counters
+        for frame in frames:
+            request = wire.decode(frame, wire.REQUESTS)
+            codec.reply_frame(request.request_id, {"pid": 1, "exited_at": 0.0}, False)
+    for _ in range(2):
+        subprocess.run(["true"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=10)
 
 
 def spawn_detached(config: ShimConfig, timeout: float = SPAWN_TIMEOUT) -> tuple[int, float]:
@@ -80,6 +226,7 @@ def spawn_detached(config: ShimConfig, timeout: float = SPAWN_TIMEOUT) -> tuple[
     if not os.path.isdir(config.bundle):
         raise InvalidArgument(f"bundle {config.bundle} does not exist")
     started = time.monotonic()
+    gc.freeze()  # this request's objects too (freeze is cheap: it moves a list head)
     ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
     child = os.fork()
     if child == 0:  # pragma: no cover - runs in the forked children
@@ -88,7 +235,7 @@ def spawn_detached(config: ShimConfig, timeout: float = SPAWN_TIMEOUT) -> tuple[
             os.setsid()
             if os.fork() != 0:
                 os._exit(0)
-            _detach(config, ready_w)
+            _detach(config, (ready_w,))
             run_shim(config, ready_w)
             os._exit(0)
         except BaseException:
@@ -108,32 +255,43 @@ def spawn_detached(config: ShimConfig, timeout: float = SPAWN_TIMEOUT) -> tuple[
     return int(text), (time.monotonic() - started) * 1000.0
 
 
-def _detach(config: ShimConfig, keep_fd: int) -> None:
-    """In the grandchild: stdio to /dev/null and the bundle's shim.log, close everything else."""
+def _detach(config: ShimConfig | None, keep_fds: tuple[int, ...]) -> None:
+    """In the grandchild: stdin from /dev/null, stdout/stderr to the bundle's shim.log
+    (to /dev/null until a pre-forked shim knows its bundle), close everything else."""
     os.chdir("/")
     os.umask(0o022)
-    null = os.open(os.devnull, os.O_RDONLY)
-    logfd = os.open(os.path.join(config.bundle, SHIM_LOG_FILE), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    null = os.open(os.devnull, os.O_RDWR)
     os.dup2(null, 0)
-    os.dup2(logfd, 1)
-    os.dup2(logfd, 2)
+    os.dup2(null, 1)
+    os.dup2(null, 2)
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
-        if fd > 2 and fd != keep_fd:
+        if fd > 2 and fd not in keep_fds:
             try:
                 os.close(fd)
             except OSError:
                 pass
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, signal.SIG_DFL)
+    if config is not None:
+        _log_to_bundle(config)
 
 
-def _read_until_eof(fd: int, timeout: float) -> bytes:
-    deadline = time.monotonic() + timeout
+def _log_to_bundle(config: ShimConfig) -> None:
+    """stdout and stderr to the bundle's shim.log."""
+    logfd = os.open(os.path.join(config.bundle, SHIM_LOG_FILE), os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    os.dup2(logfd, 1)
+    os.dup2(logfd, 2)
+    os.close(logfd)
+
+
+def _read_until_eof(fd: int, timeout: float | None) -> bytes:
+    """Everything written to `fd` until its writers close it (no limit when timeout is None)."""
+    deadline = time.monotonic() + timeout if timeout is not None else None
     chunks = []
     while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
+        remaining = deadline - time.monotonic() if deadline is not None else None
+        if remaining is not None and remaining <= 0:
             raise Internal("shim did not report ready in time")
         readable, _, _ = select.select([fd], [], [], remaining)
         if not readable:

@@ -456,7 +456,7 @@ def test_reattach_to_running_and_exited_containers(env: Env) -> None:
 def test_reattach_after_kill_9_of_the_runtime_process(env: Env) -> None:
     env.stop_runtime()
     proc = env.start_runtime_process()
-    env.create("lasting", ["sh", "-c", "sleep 2; exit 9"])
+    env.create("lasting", ["sh", "-c", "sleep 4; exit 9"])  # outlives a restart on a loaded host
     env.client.call("tasks.start", {"container_id": "lasting"})
     zygotes = [p for p in _children(proc.pid)]
     proc.kill()
