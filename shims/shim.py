@@ -396,6 +396,10 @@ class _Stdio:
         self.copiers: list[Copier] = []
         self.stdin_copier: Copier | None = None
         self._opened: list[int] = []
+        # Read ends of output FIFOs the shim holds, as containerd's shim does: with the
+        # client gone, the container's writes wait in the pipe (and a later attach reads
+        # them) instead of failing with EPIPE.
+        self._keep_readers: list[int] = []
 
     def _own(self, fd: int) -> int:
         self._opened.append(fd)
@@ -422,6 +426,8 @@ class _Stdio:
                         pipes[target] = write_end
                     io.child.append(pipes[target])
                 else:
+                    if target:
+                        io._keep_readers.append(_open_stdio(target, os.O_RDONLY, blocking=False))
                     io.child.append(io._own(_open_stdio(target, os.O_WRONLY)))
         except BaseException:
             io.close_all()
@@ -436,7 +442,9 @@ class _Stdio:
             if stdout.startswith(FILE_URI):
                 out = _open_log_file(stdout)
             elif stdout:
-                out = _open_stdio(stdout, os.O_WRONLY, blocking=False)
+                # Read-write: the shim stays a reader, so output waits for a later attach
+                # instead of being dropped once the first client has gone.
+                out = _open_stdio(stdout, os.O_RDWR, blocking=False)
             else:
                 out = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
             _set_blocking(master, False)
@@ -464,6 +472,12 @@ class _Stdio:
     def close_all(self) -> None:
         """Close everything (on failure, or when the process is gone)."""
         self.release_child_fds()
+        for fd in self._keep_readers:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._keep_readers.clear()
         for copier in self.copiers:
             copier.close()
         if self.stdin_copier is not None:

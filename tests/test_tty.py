@@ -84,6 +84,9 @@ class Terminal:
     def pid_of_moorctl(self) -> int:
         """The pid the wrapper printed."""
         self.expect(b"PID ")
+        deadline = time.monotonic() + 30
+        while b"\n" not in self.output.split(b"PID ", 1)[1] and time.monotonic() < deadline:
+            self._read(0.2)  # the number may arrive after the prefix
         line = self.output.split(b"PID ", 1)[1].split(b"\n", 1)[0]
         return int(line.strip())
 
