@@ -38,10 +38,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from moord.actors import diff
+from moord.actors.apply_workers import ApplyWorkers
 from moord.actors.base import CallContext, PooledServiceActor, handles
 from moord.actors.images import (
     GC_REF_SNAPSHOT,
     LABEL_SNAPSHOT_REF,
+    blob_path,
     LABEL_UNCOMPRESSED,
     Session,
     _remove_quietly,
@@ -87,7 +89,9 @@ FETCH_ATTEMPTS = 5
 MAX_INDEX_DEPTH = 4
 # A hostile index must not make a pull fetch without end.
 MAX_INDEX_ENTRIES = 1024
+# Layers extracted side by side, each in its own worker process: one per core.
 UNPACK_WORKERS = max(2, min(4, os.cpu_count() or 2))
+MAX_UNPACK_THREADS = 32
 
 T = TypeVar("T")
 
@@ -148,6 +152,19 @@ class Progress:
 # -- pull -----------------------------------------------------------------------------
 
 
+def apply_target(mounts: list[dict[str, Any]]) -> tuple[str, str, list[str]] | None:
+    """Where a layer can be applied without mounting: (directory, mode, parents), or None.
+
+    An overlay's upperdir takes overlay whiteouts; a lone rw bind (a snapshot without
+    parents) is its own directory, applied in native mode as if mounted."""
+    layers = diff.layers_from_mounts(mounts)
+    if layers is not None:
+        return layers[0], diff.MODE_OVERLAY, layers[1]
+    if len(mounts) == 1 and mounts[0].get("type") == "bind" and "rw" in (mounts[0].get("options") or []) and mounts[0].get("source"):
+        return mounts[0]["source"], diff.MODE_NATIVE, []
+    return None
+
+
 @dataclass
 class ManifestPlan:
     """One platform's manifest as the pull found it."""
@@ -203,7 +220,7 @@ class Pull:
 
     def __init__(
         self, session: Session, registry: "RegistryClient", root: str, request: PullImage,
-        inflight: InFlight, progress: Progress, download_workers: int,
+        inflight: InFlight, progress: Progress, download_workers: int, workers: ApplyWorkers,
     ) -> None:
         from moord.actors.registry.client import parse_reference
 
@@ -214,6 +231,7 @@ class Pull:
         self.inflight = inflight
         self.progress = progress
         self.download_workers = download_workers
+        self.workers = workers
         self.ref: Reference = parse_reference(request.ref)
         self.source_key, self.source_value = registry.source_label(self.ref)
         self.failed = threading.Event()
@@ -436,7 +454,19 @@ class Pull:
             self.layers_unpacked += 1
         self.progress(layer, "unpacked")
 
+    def _stored_path(self, layer: dict[str, Any]) -> str | None:
+        """The content store's file of a layer this namespace owns (None: not on this host's disk)."""
+        self.session.call("content.info", {"digest": layer["digest"]})  # NotFound unless owned
+        path = blob_path(self.root, layer["digest"])
+        return path if os.path.isfile(path) else None
+
     def _apply(self, layer: dict[str, Any], diff_id: str, mounts: list[dict[str, Any]]) -> None:
+        target = apply_target(mounts)
+        path = self._stored_path(layer) if target is not None else None
+        if path is not None and target is not None:
+            result = self.workers.apply(path, *target)
+            self._check(layer, diff_id, result, True)
+            return
         stream, direct = open_layer(self.session, self.root, layer)
         with stream:
             result = apply_onto_mounts(stream, mounts)
@@ -460,9 +490,13 @@ class Pull:
                 _remove_quietly(self.session, snapshotter, key)
                 return None  # not a layered snapshotter: apply in order instead
             directory = mounts[0]["source"]
-            stream, direct = open_layer(self.session, self.root, layer)
-            with stream:
-                result = diff.apply_layer(stream, directory, mode=diff.MODE_OVERLAY)
+            path = self._stored_path(layer)
+            if path is not None:
+                result, direct = self.workers.apply(path, directory, diff.MODE_OVERLAY), True
+            else:
+                stream, direct = open_layer(self.session, self.root, layer)
+                with stream:
+                    result = diff.apply_layer(stream, directory, mode=diff.MODE_OVERLAY)
             self._check(layer, diff_id, result, direct)
             return key, directory
         except BaseException:
@@ -499,8 +533,11 @@ class Pull:
             self.progress(layer, "waiting")
         unpack_targets = self._unpack_targets(plan)
         chain_ids: dict[str, str] = {}
+        # One unpack thread per layer: a staged layer waits for its parent holding a thread,
+        # and must not keep later layers from starting (the worker processes bound the CPU).
+        unpack_threads = max(1, min(MAX_UNPACK_THREADS, sum(len(m.layers) for m in unpack_targets)))
         with ThreadPoolExecutor(self.download_workers, thread_name_prefix="pull-fetch") as fetch_pool, \
-                ThreadPoolExecutor(UNPACK_WORKERS, thread_name_prefix="pull-unpack") as unpack_pool:
+                ThreadPoolExecutor(unpack_threads, thread_name_prefix="pull-unpack") as unpack_pool:
             fetched = {digest: fetch_pool.submit(self.fetch_blob, layer) for digest, layer in layers.items()}
             unpacks: list[tuple[ManifestPlan, list[Future[str]]]] = []
             try:
@@ -680,6 +717,7 @@ class PullActor(PooledServiceActor):
         self.client = client
         self.publish = publish
         self.inflight = InFlight()
+        self.apply_workers = ApplyWorkers(UNPACK_WORKERS)
         self._registry: RegistryClient | None = None
         self._registry_lock = threading.Lock()
 
@@ -701,7 +739,7 @@ class PullActor(PooledServiceActor):
                 session = Session(self.client, ctx.namespace, lease)
                 progress = Progress(self.publish, ctx.namespace, request.operation, request.ref)
                 workers = self.config.plugins.registry.max_concurrent_downloads
-                return Pull(session, registry, self.config.root, request, self.inflight, progress, workers).run()
+                return Pull(session, registry, self.config.root, request, self.inflight, progress, workers, self.apply_workers).run()
 
         return self.run_later(ctx, work)
 
@@ -715,6 +753,11 @@ class PullActor(PooledServiceActor):
             return Push(session, registry, self.config.root, request, progress).run()
 
         return self.run_later(ctx, work)
+
+    def on_stop(self) -> None:
+        """Stop the apply workers with the actor."""
+        super().on_stop()
+        self.apply_workers.close()
 
     def _lease(self, ctx: CallContext) -> Any:
         import contextlib

@@ -1,0 +1,121 @@
+"""Layer applies in worker processes of the images process.
+
+Applying a layer is mostly Python work per tar entry, and threads would take turns on
+the GIL: two layers extracted "in parallel" by threads take as long as one after the
+other. Worker processes extract layers of one pull side by side, one per core.
+
+The workers come from a forkserver (a fresh interpreter that has imported only the
+applier), never from a fork of the images process itself, whose ZeroMQ and actor
+threads must not be copied. They die with the images process (PDEATHSIG), are
+started on the first pull, and stop after IDLE_SECONDS without work, so an idle
+daemon holds no extra memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
+from typing import Sequence
+
+from moord.actors import diff
+
+log = logging.getLogger(__name__)
+
+IDLE_SECONDS = 60.0
+
+
+def _init_worker() -> None:
+    from moord.linux.process import PR_SET_PDEATHSIG, prctl
+
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    try:
+        from setproctitle import setproctitle
+
+        setproctitle("moord: images apply worker")
+    except ImportError:  # titles are cosmetic
+        pass
+
+
+def apply_blob_file(path: str, target: str, mode: str, parents: Sequence[str]) -> diff.ApplyResult:
+    """Apply the layer stored at `path` (never through a symlink) onto directory `target`."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        return diff.apply_layer(fd, target, mode=mode, parents=parents)
+    finally:
+        os.close(fd)
+
+
+class ApplyWorkers:
+    """A pool of apply processes, created on demand and closed when idle."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self._lock = threading.Lock()
+        self._pool: ProcessPoolExecutor | None = None
+        self._busy = 0
+        self._last_used = time.monotonic()
+        self._reaper: threading.Timer | None = None
+
+    def _get(self) -> ProcessPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                import multiprocessing
+
+                context = multiprocessing.get_context("forkserver")
+                context.set_forkserver_preload(["moord.actors.diff", "moord.actors.apply_workers"])
+                self._pool = ProcessPoolExecutor(self.workers, mp_context=context, initializer=_init_worker)
+            self._busy += 1
+            return self._pool
+
+    def _release(self) -> None:
+        with self._lock:
+            self._busy -= 1
+            self._last_used = time.monotonic()
+            if self._busy == 0 and self._reaper is None:
+                self._reaper = threading.Timer(IDLE_SECONDS, self._close_if_idle)
+                self._reaper.daemon = True
+                self._reaper.start()
+
+    def _close_if_idle(self) -> None:
+        with self._lock:
+            self._reaper = None
+            if self._busy or self._pool is None:
+                return
+            if time.monotonic() - self._last_used < IDLE_SECONDS:
+                self._reaper = threading.Timer(IDLE_SECONDS, self._close_if_idle)
+                self._reaper.daemon = True
+                self._reaper.start()
+                return
+            pool, self._pool = self._pool, None
+        pool.shutdown(wait=True)
+
+    def apply(self, path: str, target: str, mode: str, parents: Sequence[str] = ()) -> diff.ApplyResult:
+        """Apply a stored layer file in a worker; blocks until done. Typed errors come back typed."""
+        from concurrent.futures.process import BrokenProcessPool
+
+        from moord.messages.errors import Unavailable
+
+        pool = self._get()
+        try:
+            return pool.submit(apply_blob_file, path, target, mode, list(parents)).result()
+        except BrokenProcessPool:
+            with self._lock:
+                if self._pool is pool:
+                    self._pool = None  # the next apply starts fresh workers
+            raise Unavailable("a layer apply worker died (killed?); try again") from None
+        finally:
+            self._release()
+
+    def close(self) -> None:
+        """Stop the workers (at actor stop)."""
+        with self._lock:
+            pool, self._pool = self._pool, None
+            if self._reaper is not None:
+                self._reaper.cancel()
+                self._reaper = None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
