@@ -78,7 +78,8 @@ from moord.oci import image as oci
 from moord.oci.layout import digest_hex, validate_descriptor
 
 if TYPE_CHECKING:
-    from moord.actors.registry.client import Reference, RegistryClient
+    from moord.actors.registry.client import RegistryClient
+    from moord.oci.reference import Reference
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +223,7 @@ class Pull:
         self, session: Session, registry: "RegistryClient", root: str, request: PullImage,
         inflight: InFlight, progress: Progress, download_workers: int, workers: ApplyWorkers,
     ) -> None:
-        from moord.actors.registry.client import parse_reference
+        from moord.oci.reference import parse_reference
 
         self.session = session
         self.registry = registry
@@ -589,7 +590,7 @@ class Push:
     """One transfer.push: blobs first (skipping those the registry has), manifests, then the tag."""
 
     def __init__(self, session: Session, registry: "RegistryClient", root: str, request: PushImage, progress: Progress) -> None:
-        from moord.actors.registry.client import parse_reference
+        from moord.oci.reference import parse_reference
 
         self.session = session
         self.registry = registry
@@ -609,7 +610,7 @@ class Push:
 
     def _mount_source(self, desc: dict[str, Any]) -> "Reference | None":
         """A repository on the same registry that already has the blob (from its source label)."""
-        from moord.actors.registry.client import parse_reference
+        from moord.oci.reference import parse_reference
 
         try:
             info = self.session.call("content.info", {"digest": desc["digest"]})["info"]

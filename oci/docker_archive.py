@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from moord.actors.registry.reference import DEFAULT_DOMAIN, OFFICIAL_REPO_PREFIX, parse_reference
+from moord.oci.reference import DEFAULT_DOMAIN, OFFICIAL_REPO_PREFIX, parse_reference
 from moord.messages.errors import InvalidArgument
 from moord.oci import image as oci
 from moord.oci.layout import ArchiveFiles

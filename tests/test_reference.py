@@ -6,7 +6,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from moord.actors.registry.reference import Reference, parse_reference
+from moord.oci.reference import Reference, parse_reference
 from moord.messages.errors import InvalidArgument
 
 DIGEST = "sha256:" + "a1" * 32

@@ -1,1 +1,1 @@
-"""The registry client of the images process: references, hosts, auth, and the OCI distribution API."""
+"""The registry client of the images process: hosts, auth, and the OCI distribution API (references: moord.oci.reference)."""

@@ -26,7 +26,7 @@ import httpx
 
 from moord.actors.registry.auth import Authorizer, error_detail, repository_scope
 from moord.actors.registry.hosts import HostsResolver, RegistryEndpoint
-from moord.actors.registry.reference import Reference, parse_reference
+from moord.oci.reference import Reference, parse_reference
 from moord.config.model import RegistryConfig
 from moord.messages.errors import (
     DeadlineExceeded,
