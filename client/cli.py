@@ -187,13 +187,17 @@ def images_build_busybox(ref: str, as_tar: bool, path: str) -> None:
 @click.option("--fifo-dir", default="", help="directory for the stdio FIFOs (default <state>/fifo)")
 @click.option("--env", multiple=True, help="environment variable NAME=VALUE")
 @click.option("--cwd", default="", help="working directory")
-@click.option("--user", "-u", default="", help="uid[:gid]")
+@click.option("--user", "-u", default="", help="user[:group] by id or by name (names from the image's /etc/passwd, /etc/group)")
 @click.option("--hostname", default="")
 @click.option("--read-only", is_flag=True, help="read-only root filesystem")
 @click.option("--mount", "mounts", multiple=True, help="type=bind,src=/host,dst=/path,options=rbind:ro")
 @click.option("--memory-limit", type=click.IntRange(min=0), default=0, help="memory limit in bytes")
 @click.option("--cpus", type=click.FloatRange(min=0), default=0.0, help="CPUs (CFS quota)")
 @click.option("--pids-limit", type=click.IntRange(min=0), default=0, help="maximum number of tasks")
+@click.option("--privileged", is_flag=True, help="all capabilities, host devices, no masked paths or seccomp")
+@click.option("--net-host", is_flag=True, help="use the host's network namespace, /etc/hosts and /etc/resolv.conf")
+@click.option("--seccomp", is_flag=True, help="apply containerd's default seccomp profile (off unless given, as ctr)")
+@click.option("--seccomp-profile", default="", help="a seccomp profile (OCI JSON file) instead of the default; needs --seccomp")
 @click.option("--runtime", default="io.containerd.runc.v2", show_default=True, help="runtime name (io.containerd.crun.v2: crun)")
 @click.option("--runc-binary", default="", help="OCI runtime binary for this container: runc or crun")
 @click.option("--snapshotter", default="overlayfs", show_default=True)
@@ -218,6 +222,10 @@ def run(
     memory_limit: int,
     cpus: float,
     pids_limit: int,
+    privileged: bool,
+    net_host: bool,
+    seccomp: bool,
+    seccomp_profile: str,
     runtime: str,
     runc_binary: str,
     snapshotter: str,
@@ -247,6 +255,10 @@ def run(
             memory_limit=memory_limit,
             cpus=cpus,
             pids_limit=pids_limit,
+            privileged=privileged,
+            net_host=net_host,
+            seccomp=seccomp,
+            seccomp_profile=load_seccomp_profile(seccomp_profile, seccomp),
             snapshotter=snapshotter,
             runtime=runtime,
             runtime_binary=runc_binary,
@@ -259,6 +271,24 @@ def run(
         fail(exc)
         return
     sys.exit(status)
+
+
+def load_seccomp_profile(path: str, enabled: bool) -> dict[str, Any] | None:
+    """`--seccomp-profile PATH` as a dict (None: none given); as ctr, only with --seccomp."""
+    if not path:
+        return None
+    if not enabled:
+        raise click.UsageError("--seccomp-profile needs --seccomp")
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            profile = json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise click.UsageError(f"cannot read seccomp profile {path}: {exc}") from None
+    if not isinstance(profile, dict):
+        raise click.UsageError(f"seccomp profile {path} is not a JSON object")
+    return profile
 
 
 @main.group()

@@ -1,7 +1,8 @@
 """`moorctl run` and `tasks start`: the same calls, in the same order, as `ctr run --rm`.
 
 Images.Get -> manifest/config -> Leases.Create -> Snapshots.Prepare(id, chainID) ->
-Containers.Create -> Leases.Delete -> FIFOs (stdin, stdout, stderr; no stderr with a
+(a read-only mount of the snapshot when a user must be looked up in the image's
+/etc/passwd and /etc/group) -> Containers.Create -> Leases.Delete -> FIFOs (stdin, stdout, stderr; no stderr with a
 terminal) -> Tasks.Create -> Tasks.Wait (in a thread, before Start) -> ResizePty (with a
 terminal) -> Tasks.Start -> relay stdio (client/terminal.py) -> Tasks.Delete ->
 Snapshots.Remove -> Containers.Delete.
@@ -9,13 +10,16 @@ Snapshots.Remove -> Containers.Delete.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 from moord.bus.client import Client
 from moord.client.images import resolve
 from moord.client.terminal import FifoSet, Session, remove_fifo_dir
-from moord.messages.errors import InvalidArgument, MoordError, NotFound
+from moord.messages.errors import FailedPrecondition, InvalidArgument, MoordError, NotFound
+
+T = TypeVar("T")
 
 DEFAULT_RUNTIME = "io.containerd.runc.v2"
 
@@ -39,6 +43,10 @@ class RunOptions:
     memory_limit: int = 0
     cpus: float = 0.0
     pids_limit: int = 0
+    privileged: bool = False
+    net_host: bool = False
+    seccomp: bool = False
+    seccomp_profile: dict[str, Any] | None = None
     snapshotter: str = "overlayfs"
     runtime: str = DEFAULT_RUNTIME
     runtime_binary: str = ""
@@ -117,8 +125,11 @@ def parse_mount(text: str) -> dict[str, Any]:
     return mount
 
 
-def build_spec(opts: RunOptions, namespace: str, image_config: dict[str, Any]) -> bytes:
-    """The OCI runtime spec (JSON) for the container, from image config and options."""
+def build_spec(opts: RunOptions, namespace: str, image_config: dict[str, Any], rootfs: str | None = None) -> bytes:
+    """The OCI runtime spec (JSON) for the container, from image config and options.
+
+    `rootfs` is the image's root filesystem, mounted, for user and group names.
+    """
     from moord.oci import spec
 
     built = spec.build_spec(
@@ -129,16 +140,97 @@ def build_spec(opts: RunOptions, namespace: str, image_config: dict[str, Any]) -
         env=opts.env,
         cwd=opts.cwd,
         user=opts.user,
+        rootfs=rootfs,
         tty=opts.tty,
         hostname=opts.hostname,
         readonly_rootfs=opts.read_only,
         memory_limit=opts.memory_limit,
         cpus=opts.cpus,
         pids_limit=opts.pids_limit,
+        mounts=opts.mounts,
+        privileged=opts.privileged,
+        net_host=opts.net_host,
+        seccomp=opts.seccomp,
+        seccomp_profile=opts.seccomp_profile,
     )
-    # User mounts go after the defaults, as ctr's WithMounts appends them.
-    built["mounts"].extend(opts.mounts)
     return spec.dumps(built)
+
+
+def needs_image_users(user: str) -> bool:
+    """Whether resolving `user` reads the image's /etc/passwd or /etc/group.
+
+    A name does, and so does a bare uid (its gid and groups come from /etc/passwd and
+    /etc/group, as containerd's WithUserID + WithAdditionalGIDs). "uid:gid" and the
+    default root do not: skipping the mount keeps `run` fast. containerd also reads
+    root's supplementary groups from /etc/group; moord gives root only gid 0.
+    """
+    if not user:
+        return False
+    name, sep, group = user.partition(":")
+    return not (sep and name.isdigit() and group.isdigit())
+
+
+def readonly_mounts(mounts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The snapshot's mounts made read-only (containerd's readonlyMounts): an overlay loses
+    its upperdir and workdir (the upper layer joins the lower ones); others get "ro"."""
+    result = []
+    for m in mounts:
+        options = list(m.get("options") or [])
+        if m.get("type") == "overlay":
+            upper = next((o[len("upperdir="):] for o in options if o.startswith("upperdir=")), "")
+            options = [o for o in options if not o.startswith(("upperdir=", "workdir="))]
+            if upper:
+                options = ["lowerdir=" + upper + ":" + o[len("lowerdir="):] if o.startswith("lowerdir=") else o for o in options]
+        else:
+            options = [o for o in options if o not in ("ro", "rw")] + ["ro"]
+        result.append({**m, "options": options})
+    return result
+
+
+def in_image_rootfs(mounts: list[dict[str, Any]], use: Callable[[str], T]) -> T:
+    """Call `use(path)` with the snapshot mounted read-only at `path` (ctr's temporary mount).
+
+    The mount lives in a private mount namespace of a helper thread: nobody else sees it,
+    and it vanishes with the thread, so even a moorctl killed mid-way leaves no mount.
+    """
+    import ctypes
+    import tempfile
+    import threading
+
+    from moord.linux import mount as mounting
+    from moord.linux.libc import libc
+
+    clone_newns = 0x00020000
+    target = tempfile.mkdtemp(prefix="moorctl-rootfs-")
+    outcome: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            # CLONE_NEWNS gives this thread alone a copy of the mount table.
+            if libc.unshare(clone_newns) != 0:
+                code = ctypes.get_errno()
+                raise OSError(code, f"unshare(CLONE_NEWNS): {os.strerror(code)}")
+            # Private first: a mount under a shared / would propagate to the host's table.
+            if libc.mount(None, b"/", None, mounting.MS_REC | mounting.MS_PRIVATE, None) != 0:
+                code = ctypes.get_errno()
+                raise OSError(code, f"making / private: {os.strerror(code)}")
+            mounting.mount_all(readonly_mounts(mounts), target)
+            outcome["value"] = use(target)
+        except BaseException as exc:  # handed to the calling thread
+            outcome["error"] = exc
+
+    try:
+        worker = threading.Thread(target=work, name="image-rootfs", daemon=True)
+        worker.start()
+        worker.join()
+    finally:
+        os.rmdir(target)
+    if "error" in outcome:
+        error = outcome["error"]
+        if isinstance(error, OSError):
+            raise FailedPrecondition(f"cannot mount the image's root filesystem to read its users: {error}") from None
+        raise error
+    return outcome["value"]
 
 
 def run(client: Client, opts: RunOptions) -> int:
@@ -158,7 +250,12 @@ def run(client: Client, opts: RunOptions) -> int:
             lease=lease,
         )["mounts"]
         try:
-            spec = build_spec(opts, client.namespace, image.config)
+            from moord.oci.spec import image_config_section
+
+            if needs_image_users(opts.user or str(image_config_section(image.config).get("User") or "")):
+                spec = in_image_rootfs(mounts, lambda root: build_spec(opts, client.namespace, image.config, root))
+            else:
+                spec = build_spec(opts, client.namespace, image.config)
             container = {
                 "id": opts.container_id,
                 "image": opts.image,

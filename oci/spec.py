@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from typing import Any
 
 from moord.messages.errors import InvalidArgument, NotFound
@@ -54,6 +55,36 @@ DEFAULT_MASKED_PATHS = [
 ]
 
 DEFAULT_READONLY_PATHS = ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"]
+
+# Every capability by bit number (kernel 5.9's set, as containerd's pkg/cap knows it).
+KNOWN_CAPABILITIES = [
+    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER", "CAP_FSETID", "CAP_KILL",
+    "CAP_SETGID", "CAP_SETUID", "CAP_SETPCAP", "CAP_LINUX_IMMUTABLE", "CAP_NET_BIND_SERVICE",
+    "CAP_NET_BROADCAST", "CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_IPC_LOCK", "CAP_IPC_OWNER",
+    "CAP_SYS_MODULE", "CAP_SYS_RAWIO", "CAP_SYS_CHROOT", "CAP_SYS_PTRACE", "CAP_SYS_PACCT",
+    "CAP_SYS_ADMIN", "CAP_SYS_BOOT", "CAP_SYS_NICE", "CAP_SYS_RESOURCE", "CAP_SYS_TIME",
+    "CAP_SYS_TTY_CONFIG", "CAP_MKNOD", "CAP_LEASE", "CAP_AUDIT_WRITE", "CAP_AUDIT_CONTROL",
+    "CAP_SETFCAP", "CAP_MAC_OVERRIDE", "CAP_MAC_ADMIN", "CAP_SYSLOG", "CAP_WAKE_ALARM",
+    "CAP_BLOCK_SUSPEND", "CAP_AUDIT_READ", "CAP_PERFMON", "CAP_BPF", "CAP_CHECKPOINT_RESTORE",
+]
+
+# The device nodes every container may use (containerd's WithDefaultUnixDevices, which
+# ctr run applies): (major, minor or None for all minors).
+DEFAULT_UNIX_DEVICES = [
+    (1, 3),  # /dev/null
+    (1, 8),  # /dev/random
+    (1, 7),  # /dev/full
+    (5, 0),  # /dev/tty
+    (1, 5),  # /dev/zero
+    (1, 9),  # /dev/urandom
+    (5, 1),  # /dev/console
+    (136, None),  # /dev/pts/*
+    (5, 2),  # /dev/ptmx
+]
+
+# Directories under /dev whose nodes are not host devices to hand to a privileged
+# container (as containerd's HostDevices skips them).
+_SKIPPED_DEV_DIRS = {"pts", "shm", "fd", "mqueue", ".lxc", ".lxd-mounts", ".udev"}
 
 
 def default_mounts() -> list[dict[str, Any]]:
@@ -126,13 +157,137 @@ def default_spec(namespace: str, container_id: str, cgroup_parent: str = DEFAULT
         },
         "mounts": default_mounts(),
         "linux": {
-            "resources": {"devices": [{"allow": False, "access": "rwm"}]},
+            "resources": {"devices": [{"allow": False, "access": "rwm"}] + default_device_rules()},
             "cgroupsPath": cgroups_path(namespace, container_id, cgroup_parent),
             "namespaces": [{"type": t} for t in ("pid", "ipc", "uts", "mount", "network")],
             "maskedPaths": list(DEFAULT_MASKED_PATHS),
             "readonlyPaths": list(DEFAULT_READONLY_PATHS),
         },
     }
+
+
+def default_device_rules() -> list[dict[str, Any]]:
+    """Cgroup rules allowing containerd's default Unix devices (null, zero, tty, pts...)."""
+    rules = []
+    for major, minor in DEFAULT_UNIX_DEVICES:
+        rule: dict[str, Any] = {"allow": True, "type": "c", "major": major, "access": "rwm"}
+        if minor is not None:
+            rule["minor"] = minor
+        rules.append(rule)
+    return rules
+
+
+def current_capabilities(status_path: str = "/proc/self/status") -> list[str]:
+    """The effective capabilities of this process, by name (containerd's cap.Current).
+
+    A privileged container gets these rather than every known capability: where the
+    caller lacks one (root here has no CAP_SYS_RESOURCE), asking runc for it would fail.
+    """
+    with open(status_path, encoding="ascii", errors="replace") as fh:
+        for line in fh:
+            if line.startswith("CapEff:"):
+                bits = int(line.split(":", 1)[1].strip(), 16)
+                return [name for bit, name in enumerate(KNOWN_CAPABILITIES) if bits >> bit & 1]
+    raise InvalidArgument(f"no CapEff line in {status_path}")
+
+
+def host_devices(root: str = "/dev") -> list[dict[str, Any]]:
+    """Every block and character device under `root` as OCI LinuxDevice entries (HostDevices).
+
+    pts, shm, fd, mqueue and container-manager dirs are skipped, and so is /dev/console
+    (runc sets it up for a terminal); symlinks are never followed.
+    """
+    devices: list[dict[str, Any]] = []
+    try:
+        entries = sorted(os.scandir(root), key=lambda e: e.name)
+    except (FileNotFoundError, NotADirectoryError):
+        return devices
+    for entry in entries:
+        if entry.is_dir(follow_symlinks=False):
+            if entry.name not in _SKIPPED_DEV_DIRS:
+                devices.extend(host_devices(entry.path))
+            continue
+        if entry.name == "console" and root == "/dev":
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except FileNotFoundError:  # gone while we looked
+            continue
+        if stat.S_ISBLK(st.st_mode):
+            kind = "b"
+        elif stat.S_ISCHR(st.st_mode):
+            kind = "c"
+        else:
+            continue  # regular files, symlinks, FIFOs, sockets
+        devices.append(
+            {
+                "path": entry.path,
+                "type": kind,
+                "major": os.major(st.st_rdev),
+                "minor": os.minor(st.st_rdev),
+                "fileMode": stat.S_IMODE(st.st_mode),
+                "uid": st.st_uid,
+                "gid": st.st_gid,
+            }
+        )
+    return devices
+
+
+def make_privileged(spec: dict[str, Any]) -> None:
+    """ctr's --privileged: WithPrivileged + WithAllDevicesAllowed + WithHostDevices.
+
+    All of the caller's effective capabilities (bounding, effective, permitted; not
+    ambient), no masked or read-only paths, writable /sys and cgroupfs, no seccomp,
+    AppArmor or SELinux label, every device allowed and the host's devices created.
+    """
+    capabilities = current_capabilities()
+    spec["process"]["capabilities"] = {key: list(capabilities) for key in ("bounding", "effective", "permitted")}
+    linux = spec["linux"]
+    linux.pop("maskedPaths", None)
+    linux.pop("readonlyPaths", None)
+    linux.pop("seccomp", None)
+    spec["process"].pop("apparmorProfile", None)
+    spec["process"].pop("selinuxLabel", None)
+    for mount in spec["mounts"]:
+        if mount.get("type") in ("sysfs", "cgroup"):
+            mount["options"] = ["rw" if option == "ro" else option for option in mount.get("options", [])]
+    linux.setdefault("resources", {})["devices"] = [{"allow": True, "access": "rwm"}]
+    linux["devices"] = linux.get("devices", []) + host_devices()
+
+
+def use_host_network(spec: dict[str, Any], hostname: str = "") -> None:
+    """ctr's --net-host: no network namespace, the host's /etc/hosts and /etc/resolv.conf
+    bound read-only, and HOSTNAME set (the UTS namespace keeps the host's name unless the
+    spec sets another)."""
+    linux = spec["linux"]
+    linux["namespaces"] = [ns for ns in linux.get("namespaces", []) if ns.get("type") != "network"]
+    for path in ("/etc/hosts", "/etc/resolv.conf"):
+        spec["mounts"].append({"destination": path, "type": "bind", "source": path, "options": ["rbind", "ro"]})
+    name = hostname or os.uname().nodename
+    spec["process"]["env"] = merge_env(spec["process"]["env"], [f"HOSTNAME={name}"])
+
+
+def check_mounts(mounts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Caller-supplied OCI mounts, checked for shape: absolute destination, string fields."""
+    checked = []
+    for mount in mounts:
+        if not isinstance(mount, dict):
+            raise InvalidArgument(f"mount {mount!r} must be an object")
+        destination = mount.get("destination")
+        if not isinstance(destination, str) or not destination.startswith("/"):
+            raise InvalidArgument(f"mount destination {destination!r} must be an absolute path")
+        if ".." in destination.split("/"):
+            raise InvalidArgument(f"mount destination {destination!r} must not contain '..'")
+        for key in ("type", "source"):
+            if not isinstance(mount.get(key, ""), str):
+                raise InvalidArgument(f"mount {key} {mount.get(key)!r} must be a string")
+        options = mount.get("options", [])
+        if not isinstance(options, list) or not all(isinstance(o, str) for o in options):
+            raise InvalidArgument(f"mount options {options!r} must be a list of strings")
+        checked.append(
+            {"destination": destination, "type": mount.get("type", ""), "source": mount.get("source", ""), "options": list(options)}
+        )
+    return checked
 
 
 def image_config_section(image_config: dict[str, Any] | None) -> dict[str, Any]:
@@ -185,16 +340,32 @@ def build_spec(
     memory_limit: int = 0,
     cpus: float = 0.0,
     pids_limit: int = 0,
+    mounts: list[dict[str, Any]] | None = None,
+    privileged: bool = False,
+    net_host: bool = False,
+    seccomp: bool = False,
+    seccomp_profile: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The spec for a container: defaults, then the image config, then the caller's options.
+    """The spec for a container: defaults, then the image config, then the caller's options,
+    applied in ctr run's order.
 
     `rootfs` is the path of the (mounted) root filesystem, used to resolve user and group
     names; without it only numeric users are accepted. `args` replace the image's Cmd
-    (the Entrypoint stays), as with `ctr run IMAGE ID args...`.
+    (the Entrypoint stays), as with `ctr run IMAGE ID args...`. `mounts` (OCI mounts)
+    follow the defaults. `seccomp` applies containerd's default profile, or
+    `seccomp_profile` when given (as `ctr run --seccomp [--seccomp-profile]`): like ctr,
+    no seccomp filter without it; `privileged` alone also means none.
     """
+    if seccomp_profile is not None:
+        if not seccomp:
+            raise InvalidArgument("a seccomp profile needs seccomp to be enabled")
+        if not isinstance(seccomp_profile, dict) or not isinstance(seccomp_profile.get("defaultAction"), str):
+            raise InvalidArgument("a seccomp profile must be a JSON object with a defaultAction")
     spec = default_spec(namespace, container_id, cgroup_parent)
     config = image_config_section(image_config)
     process = spec["process"]
+    # User mounts go after the defaults, as ctr's WithMounts appends them.
+    spec["mounts"].extend(check_mounts(mounts or []))
 
     image_env = _string_list(config.get("Env"), "Env")
     process["env"] = merge_env(image_env or [DEFAULT_PATH_ENV], env or [])
@@ -218,6 +389,16 @@ def build_spec(
         spec["hostname"] = hostname
     if readonly_rootfs:
         spec["root"]["readonly"] = True
+    if privileged:
+        make_privileged(spec)
+    if net_host:
+        use_host_network(spec, hostname)
+    if seccomp:
+        if seccomp_profile is None:
+            from moord.oci.seccomp import default_profile
+
+            seccomp_profile = default_profile(process["capabilities"]["bounding"])
+        spec["linux"]["seccomp"] = seccomp_profile
     spec["linux"]["resources"].update(resources(memory_limit=memory_limit, cpus=cpus, pids_limit=pids_limit))
     return spec
 
