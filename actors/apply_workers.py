@@ -8,24 +8,55 @@ The workers come from a forkserver (a fresh interpreter that has imported only t
 applier), never from a fork of the images process itself, whose ZeroMQ and actor
 threads must not be copied. They die with the images process (PDEATHSIG), are
 started on the first pull, and stop after IDLE_SECONDS without work, so an idle
-daemon holds no extra memory.
+daemon holds no extra memory. A worker reads a stored blob, or a FIFO that the
+layer's download feeds while it arrives.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import os
+import select
 import signal
+import stat
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
-from typing import Sequence
+from typing import Any, Sequence
 
 from moord.actors import diff
+from moord.messages.errors import DeadlineExceeded
 
 log = logging.getLogger(__name__)
 
 IDLE_SECONDS = 60.0
+# A layer streamed through a FIFO that stays silent this long is abandoned (its pull
+# then applies the stored blob instead).
+STREAM_IDLE_SECONDS = 60.0
+
+
+class PipeReader(io.RawIOBase):
+    """The read end of a FIFO fed while a layer downloads: waits (bounded) for each piece."""
+
+    def __init__(self, fd: int, idle: float) -> None:
+        super().__init__()
+        self._fd = fd
+        self._poll = select.poll()
+        self._poll.register(fd, select.POLLIN)
+        self._idle_ms = int(idle * 1000)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:  # type: ignore[override]
+        while True:
+            if not self._poll.poll(self._idle_ms):
+                raise DeadlineExceeded(f"no layer bytes arrived for {self._idle_ms // 1000} s")
+            try:
+                return os.readv(self._fd, [buffer])
+            except BlockingIOError:
+                continue
 
 
 def _init_worker() -> None:
@@ -41,10 +72,17 @@ def _init_worker() -> None:
 
 
 def apply_blob_file(path: str, target: str, mode: str, parents: Sequence[str]) -> diff.ApplyResult:
-    """Apply the layer stored at `path` (never through a symlink) onto directory `target`."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    """Apply the layer at `path` (never through a symlink) onto directory `target`: a
+    stored blob, or a FIFO its download feeds (read until the writer closes it). Either
+    way the content store checks the compressed digest (at commit), so it is not
+    computed here again."""
+    # Non-blocking: opening a FIFO must not wait for a writer that may never come.
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     try:
-        return diff.apply_layer(fd, target, mode=mode, parents=parents)
+        if stat.S_ISFIFO(os.fstat(fd).st_mode):
+            return diff.apply_layer(PipeReader(fd, STREAM_IDLE_SECONDS), target, mode=mode, parents=parents, source_verified=True)  # type: ignore[arg-type]
+        os.set_blocking(fd, True)
+        return diff.apply_layer(fd, target, mode=mode, parents=parents, source_verified=True)
     finally:
         os.close(fd)
 
@@ -59,6 +97,9 @@ class ApplyWorkers:
         self._busy = 0
         self._last_used = time.monotonic()
         self._reaper: threading.Timer | None = None
+        # One apply per worker at a time: a submitted apply starts at once, which a
+        # streamed one needs (its download waits for the reader to open the FIFO).
+        self._slots = threading.Semaphore(workers)
 
     def _get(self) -> ProcessPoolExecutor:
         with self._lock:
@@ -93,13 +134,27 @@ class ApplyWorkers:
             pool, self._pool = self._pool, None
         pool.shutdown(wait=True)
 
-    def apply(self, path: str, target: str, mode: str, parents: Sequence[str] = ()) -> diff.ApplyResult:
-        """Apply a stored layer file in a worker; blocks until done. Typed errors come back typed."""
+    def reserve(self) -> bool:
+        """Take a worker for a later `apply(..., reserved=True)` if one is free now."""
+        return self._slots.acquire(blocking=False)
+
+    def unreserve(self) -> None:
+        """Give back a reservation that was not used."""
+        self._slots.release()
+
+    def apply(self, path: str, target: str, mode: str, parents: Sequence[str] = (), reserved: bool = False) -> diff.ApplyResult:
+        """Apply a layer file or FIFO in a worker; blocks until done. Typed errors come back typed."""
         from concurrent.futures.process import BrokenProcessPool
 
         from moord.messages.errors import Unavailable
 
-        pool = self._get()
+        if not reserved:
+            self._slots.acquire()
+        try:
+            pool = self._get()
+        except BaseException:
+            self._slots.release()
+            raise
         try:
             return pool.submit(apply_blob_file, path, target, mode, list(parents)).result()
         except BrokenProcessPool:
@@ -109,6 +164,7 @@ class ApplyWorkers:
             raise Unavailable("a layer apply worker died (killed?); try again") from None
         finally:
             self._release()
+            self._slots.release()
 
     def close(self) -> None:
         """Stop the workers (at actor stop)."""

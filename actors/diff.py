@@ -588,6 +588,7 @@ def apply_layer(
     devices: bool = True,
     max_bytes: int = DEFAULT_MAX_BYTES,
     max_entries: int = DEFAULT_MAX_ENTRIES,
+    source_verified: bool = False,
 ) -> ApplyResult:
     """Apply a layer (a path, a readable binary stream or an fd) onto directory `target`.
 
@@ -595,17 +596,20 @@ def apply_layer(
     what whiteouts name. `parents` (an overlay's lowerdirs, nearest first) give the
     attributes of directories the layer implies but does not list. `devices` False
     skips device nodes. Hostile or malformed input raises InvalidArgument; the diff
-    ID covers the whole uncompressed stream.
+    ID covers the whole uncompressed stream. `source_verified`: the compressed bytes'
+    digest is checked elsewhere (the content store's commit), so it is not computed
+    again (compressed_digest is then "" for a compressed layer).
     """
     if isinstance(source, str):
         fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            return apply_layer(fd, target, mode=mode, parents=parents, devices=devices, max_bytes=max_bytes, max_entries=max_entries)
+            return apply_layer(fd, target, mode=mode, parents=parents, devices=devices, max_bytes=max_bytes, max_entries=max_entries, source_verified=source_verified)
         finally:
             os.close(fd)
     raw = _Raw(source)
     kind = detect_compression(raw.peek(6))
-    if kind == "none":
+    hashed = kind != "none" and not source_verified
+    if not hashed:
         raw.stop_hashing()
     tape = _Tape(_decompressor(raw, kind), max_bytes)
     applier = _Applier(target, mode, parents, devices, max_entries)
@@ -628,7 +632,7 @@ def apply_layer(
         diff_id=diff_id,
         size=tape.total,
         entries=applier.entries,
-        compressed_digest=diff_id if raw.hash is None else "sha256:" + raw.hash.hexdigest(),
+        compressed_digest=("sha256:" + raw.hash.hexdigest()) if hashed else (diff_id if kind == "none" else ""),
         compressed_size=raw.size,
         compression=kind,
     )

@@ -335,9 +335,8 @@ def save_image(session: Session, name: str, target: dict[str, Any]) -> Image:
 # -- unpack ---------------------------------------------------------------------------
 
 
-def read_document(session: Session, desc: dict[str, Any], what: str) -> dict[str, Any]:
-    """An index, manifest or config from the content store (at most 4 MiB, digest checked)."""
-    digest = desc["digest"]
+def read_small_blob(session: Session, digest: str, what: str) -> bytes:
+    """The exact bytes of a stored index, manifest or config (at most 4 MiB, digest checked)."""
     chunks: list[bytes] = []
     offset, total = 0, None
     while total is None or offset < total:
@@ -351,8 +350,14 @@ def read_document(session: Session, desc: dict[str, Any], what: str) -> dict[str
     blob = b"".join(chunks)
     if "sha256:" + hashlib.sha256(blob).hexdigest() != digest:
         raise FailedPrecondition(f"{what} {digest}: content does not match its digest")
+    return blob
+
+
+def read_document(session: Session, desc: dict[str, Any], what: str) -> dict[str, Any]:
+    """An index, manifest or config from the content store, parsed."""
+    blob = read_small_blob(session, desc["digest"], what)
     try:
-        return oci.load_document(blob, f"{what} {digest}")
+        return oci.load_document(blob, f"{what} {desc['digest']}")
     except ValueError as exc:
         raise InvalidArgument(str(exc)) from None
 

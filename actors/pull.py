@@ -26,11 +26,13 @@ on unpacked layers and `containerd.io/gc.ref.snapshot.<snapshotter>` on configs.
 
 from __future__ import annotations
 
-import hashlib
+import errno
 import io
 import logging
 import os
 import secrets
+import shutil
+import tempfile
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -50,6 +52,7 @@ from moord.actors.images import (
     apply_onto_mounts,
     child_labels,
     open_layer,
+    read_small_blob,
     save_image,
     write_blob,
 )
@@ -90,9 +93,11 @@ FETCH_ATTEMPTS = 5
 MAX_INDEX_DEPTH = 4
 # A hostile index must not make a pull fetch without end.
 MAX_INDEX_ENTRIES = 1024
-# Layers extracted side by side, each in its own worker process: one per core.
-UNPACK_WORKERS = max(2, min(4, os.cpu_count() or 2))
+# Layers extracted side by side, each in its own worker process; streamed layers hold a
+# worker while they download, so a few more than the cores.
+UNPACK_WORKERS = 4
 MAX_UNPACK_THREADS = 32
+REGISTRY_WARMUP_DELAY = 3.0
 
 T = TypeVar("T")
 
@@ -148,6 +153,98 @@ class Progress:
             self._publish(PROGRESS_TOPIC, self._namespace, event)
         except Exception as exc:  # progress must never fail a pull
             log.debug("progress event dropped: %s", exc)
+
+
+class Tee:
+    """A layer's bytes offered to its unpack while they download, through a FIFO.
+
+    The unpack offers a FIFO (its worker reads it); the download takes the offer only
+    when it starts from byte 0, and otherwise refuses. The unpack learns which before
+    it starts reading, so neither side ever waits for a peer that is not coming."""
+
+    OFFER_WAIT = 2.0  # how long a starting download waits for its unpack's offer
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._fifo: str | None = None
+        self._state = "open"  # open -> offered -> accepted | refused
+
+    def offer(self, fifo: str) -> bool:
+        """The unpack side: read the download through `fifo`, if it is still to come."""
+        with self._cond:
+            if self._state != "open":
+                return False
+            self._fifo, self._state = fifo, "offered"
+            self._cond.notify_all()
+            return True
+
+    def accepted(self, fetched: "Future[None]") -> bool:
+        """The unpack side: whether the download took the offer (False once it ended without)."""
+        with self._cond:
+            while self._state == "offered" and not fetched.done():
+                self._cond.wait(0.2)
+            if self._state == "offered":
+                self._state = "refused"
+            return self._state == "accepted"
+
+    def take(self) -> str | None:
+        """The download side, starting from byte 0: the FIFO to feed, or None."""
+        with self._cond:
+            deadline = time.monotonic() + self.OFFER_WAIT
+            while self._state == "open" and time.monotonic() < deadline:
+                self._cond.wait(max(0.0, deadline - time.monotonic()))
+            if self._state == "offered":
+                self._state = "accepted"
+                self._cond.notify_all()
+                return self._fifo
+            self.refuse()
+            return None
+
+    def refuse(self) -> None:
+        """Either side: no streaming for this layer."""
+        with self._cond:
+            if self._state in ("open", "offered"):
+                self._state = "refused"
+                self._cond.notify_all()
+
+
+def _open_fifo_writer(path: str, timeout: float = 30.0) -> int | None:
+    """The write end of a FIFO once its reader (an apply worker) has it open; None if it never does."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            if exc.errno != errno.ENXIO or time.monotonic() > deadline:
+                return None
+            time.sleep(0.005)
+            continue
+        os.set_blocking(fd, True)
+        return fd
+
+
+def _feed(fd: int | None, chunk: bytes) -> int | None:
+    """Write a chunk into the FIFO; None (and the FIFO closed) once the reader has gone."""
+    if fd is None:
+        return None
+    view = memoryview(chunk)
+    try:
+        while view:
+            view = view[os.write(fd, view):]
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _empty_directory(path: str) -> None:
+    """Remove what a failed apply left in a snapshot directory, keeping the directory."""
+    for name in os.listdir(path):
+        full = os.path.join(path, name)
+        if os.path.isdir(full) and not os.path.islink(full):
+            shutil.rmtree(full)
+        else:
+            os.unlink(full)
 
 
 # -- pull -----------------------------------------------------------------------------
@@ -236,6 +333,7 @@ class Pull:
         self.ref: Reference = parse_reference(request.ref)
         self.source_key, self.source_value = registry.source_label(self.ref)
         self.failed = threading.Event()
+        self.tees: dict[str, Tee] = {}
         self.stats_lock = threading.Lock()
         self.blobs_fetched = 0
         self.bytes_fetched = 0
@@ -325,6 +423,7 @@ class Pull:
 
     def _fetch_blob(self, desc: dict[str, Any]) -> None:
         digest, size = desc["digest"], int(desc["size"])
+        tee = self.tees.get(digest) or Tee()
         ref = f"{_kind_prefix(desc.get('mediaType', ''))}-{digest}"
         # One writer name per blob: a pull that died (its process killed) left the lock
         # under this name, and the next pull of the blob takes it over at once.
@@ -336,22 +435,35 @@ class Pull:
                 try:
                     status = self.session.call("content.write", {**base, "action": "stat"})
                 except AlreadyExists:
+                    tee.refuse()
                     self.session.update_labels(digest, size, self.source)
                     self.progress(desc, "exists", size)
                     return
                 offset = int(status.get("offset", 0))
                 if offset > size:
                     offset = 0  # not this blob's bytes: start over (offset 0 truncates)
+                # Only a download from byte 0 can feed the unpack the whole layer.
+                if offset == 0:
+                    fifo = tee.take()
+                else:
+                    tee.refuse()
+                    fifo = None
+                sink = _open_fifo_writer(fifo) if fifo else None
                 self.progress(desc, "downloading", offset)
-                with self.registry.open_blob(self.ref, desc, offset) as raw:
-                    stream = io.BufferedReader(raw, MAX_CHUNK_BYTES)
-                    while not self.failed.is_set():
-                        chunk = stream.read(MAX_CHUNK_BYTES)
-                        if not chunk:
-                            break
-                        self.session.call("content.write", {**base, "action": "write", "offset": offset}, frames=[chunk], timeout=60)
-                        offset += len(chunk)
-                        self.progress(desc, "downloading", offset)
+                try:
+                    with self.registry.open_blob(self.ref, desc, offset) as raw:
+                        stream = io.BufferedReader(raw, MAX_CHUNK_BYTES)
+                        while not self.failed.is_set():
+                            chunk = stream.read(MAX_CHUNK_BYTES)
+                            if not chunk:
+                                break
+                            self.session.call("content.write", {**base, "action": "write", "offset": offset}, frames=[chunk], timeout=60)
+                            sink = _feed(sink, chunk)
+                            offset += len(chunk)
+                            self.progress(desc, "downloading", offset)
+                finally:
+                    if sink is not None:
+                        os.close(sink)  # end of stream for the unpack: complete or not, it checks
                 if self.failed.is_set():
                     return
                 if offset != size:
@@ -399,11 +511,14 @@ class Pull:
         return jobs
 
     def _unpack_one(self, layer: dict[str, Any], diff_id: str, chain: str, parent_job: Future[str] | None, fetched: Future[None], snapshotter: str) -> str:
-        fetched.result()
         if self.failed.is_set():
             raise FailedPrecondition("pull failed")
         key = ("chain", self.session.namespace, snapshotter, chain)
-        self.inflight.run(key, lambda: self._unpack_chain(layer, diff_id, chain, parent_job, snapshotter))
+        try:
+            self.inflight.run(key, lambda: self._unpack_chain(layer, diff_id, chain, parent_job, fetched, snapshotter))
+        finally:
+            self.tees.get(layer["digest"], Tee()).refuse()  # a download still waiting for an offer goes on alone
+        fetched.result()
         self.session.update_labels(layer["digest"], layer["size"], {LABEL_UNCOMPRESSED: diff_id})
         return chain
 
@@ -414,7 +529,7 @@ class Pull:
         except NotFound:
             return False
 
-    def _unpack_chain(self, layer: dict[str, Any], diff_id: str, chain: str, parent_job: Future[str] | None, snapshotter: str) -> None:
+    def _unpack_chain(self, layer: dict[str, Any], diff_id: str, chain: str, parent_job: Future[str] | None, fetched: Future[None], snapshotter: str) -> None:
         if self._snapshot_exists(snapshotter, chain):
             if parent_job is not None:
                 parent_job.result()
@@ -422,7 +537,7 @@ class Pull:
         self.progress(layer, "unpacking")
         staged: tuple[str, str] | None = None
         if parent_job is not None and not parent_job.done():
-            staged = self._extract_staged(layer, diff_id, chain, snapshotter)
+            staged = self._extract_staged(layer, diff_id, chain, snapshotter, fetched)
         parent = parent_job.result() if parent_job is not None else ""
         if self.failed.is_set():
             if staged:
@@ -436,10 +551,9 @@ class Pull:
             except AlreadyExists:
                 return  # another unpack committed it meanwhile
             try:
-                if staged is not None and self._swap_in(staged[1], reply["mounts"]):
-                    pass
-                else:
-                    self._apply(layer, diff_id, reply["mounts"])
+                if staged is None or not self._swap_in(staged[1], reply["mounts"]):
+                    self._fill(layer, diff_id, reply["mounts"], fetched)
+                fetched.result()  # a snapshot is committed only over a committed blob
                 try:
                     self.session.call("snapshots.commit", {"snapshotter": snapshotter, "name": chain, "key": key, "labels": labels}, timeout=60)
                 except AlreadyExists:
@@ -454,6 +568,41 @@ class Pull:
         with self.stats_lock:
             self.layers_unpacked += 1
         self.progress(layer, "unpacked")
+
+    def _fill(self, layer: dict[str, Any], diff_id: str, mounts: list[dict[str, Any]], fetched: Future[None]) -> None:
+        """Apply a layer onto a snapshot's mounts: while it downloads when possible, else from the store."""
+        target = apply_target(mounts)
+        if target is not None and self._apply_streamed(layer, diff_id, target, fetched):
+            return
+        fetched.result()
+        self._apply(layer, diff_id, mounts)
+
+    def _apply_streamed(self, layer: dict[str, Any], diff_id: str, target: tuple[str, str, list[str]], fetched: Future[None]) -> bool:
+        """Apply the layer as its download arrives (through a FIFO the download feeds); False
+        when the download is not fresh or the stream failed (the directory is emptied again)."""
+        tee = self.tees.get(layer["digest"])
+        if tee is None or fetched.done():
+            return False
+        fifo_dir = tempfile.mkdtemp(prefix="moord-tee-")
+        fifo = os.path.join(fifo_dir, "layer")
+        try:
+            os.mkfifo(fifo, 0o600)
+            if not self.workers.reserve():
+                return False  # every worker busy: a stream must not wait for one
+            if not tee.offer(fifo) or not tee.accepted(fetched):
+                self.workers.unreserve()
+                return False
+            try:
+                result = self.workers.apply(fifo, *target, reserved=True)
+                self._check(layer, diff_id, result, True)
+                return True
+            except MoordError as exc:
+                fetched.result()  # the download's own failure is the pull's error
+                log.info("layer %s: streamed unpack failed (%s); unpacking the stored blob", layer["digest"], exc)
+                _empty_directory(target[0])
+                return False
+        finally:
+            shutil.rmtree(fifo_dir, ignore_errors=True)
 
     def _stored_path(self, layer: dict[str, Any]) -> str | None:
         """The content store's file of a layer this namespace owns (None: not on this host's disk)."""
@@ -477,10 +626,10 @@ class Pull:
     def _check(layer: dict[str, Any], diff_id: str, result: diff.ApplyResult, direct: bool) -> None:
         if result.diff_id != diff_id:
             raise FailedPrecondition(f"layer {layer['digest']}: unpacked to diff id {result.diff_id}, the config says {diff_id}")
-        if direct and result.compressed_digest != layer["digest"]:
+        if direct and result.compressed_digest and result.compressed_digest != layer["digest"]:
             raise FailedPrecondition(f"layer {layer['digest']}: the stored blob has digest {result.compressed_digest}")
 
-    def _extract_staged(self, layer: dict[str, Any], diff_id: str, chain: str, snapshotter: str) -> tuple[str, str] | None:
+    def _extract_staged(self, layer: dict[str, Any], diff_id: str, chain: str, snapshotter: str, fetched: Future[None]) -> tuple[str, str] | None:
         """Extract onto a parentless snapshot while the parent is still unpacking:
         (staging key, its directory), or None when the snapshotter cannot stage."""
         key = f"extract-{time.time_ns()}-{secrets.token_hex(4)} staged {chain}"
@@ -491,6 +640,9 @@ class Pull:
                 _remove_quietly(self.session, snapshotter, key)
                 return None  # not a layered snapshotter: apply in order instead
             directory = mounts[0]["source"]
+            if self._apply_streamed(layer, diff_id, (directory, diff.MODE_OVERLAY, []), fetched):
+                return key, directory
+            fetched.result()
             path = self._stored_path(layer)
             if path is not None:
                 result, direct = self.workers.apply(path, directory, diff.MODE_OVERLAY), True
@@ -533,6 +685,9 @@ class Pull:
         for layer in layers.values():
             self.progress(layer, "waiting")
         unpack_targets = self._unpack_targets(plan)
+        for manifest in unpack_targets:
+            for layer in manifest.layers:
+                self.tees.setdefault(layer["digest"], Tee())
         chain_ids: dict[str, str] = {}
         # One unpack thread per layer: a staged layer waits for its parent holding a thread,
         # and must not keep later layers from starting (the worker processes bound the CPU).
@@ -602,7 +757,7 @@ class Push:
         self.bytes_pushed = 0
 
     def _document(self, desc: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
-        data = canonical_bytes(self.session, desc)
+        data = read_small_blob(self.session, desc["digest"], _kind_prefix(desc.get("mediaType", "")))
         try:
             return data, oci.load_document(data, f"{_kind_prefix(desc.get('mediaType', ''))} {desc['digest']}")
         except ValueError as exc:
@@ -686,24 +841,6 @@ class Push:
         return PushReply(digest=pushed_root["digest"], blobs_pushed=self.blobs_pushed, bytes_pushed=self.bytes_pushed)
 
 
-def canonical_bytes(session: Session, desc: dict[str, Any]) -> bytes:
-    """The exact bytes of a small stored document (a manifest must be pushed byte for byte)."""
-    chunks: list[bytes] = []
-    offset, total = 0, None
-    while total is None or offset < total:
-        data, total = session.read(desc["digest"], offset)
-        if total > oci.MAX_MANIFEST_BYTES:
-            raise InvalidArgument(f"{desc['digest']} is larger than {oci.MAX_MANIFEST_BYTES} bytes")
-        if not data:
-            break
-        chunks.append(data)
-        offset += len(data)
-    blob = b"".join(chunks)
-    if "sha256:" + hashlib.sha256(blob).hexdigest() != desc["digest"]:
-        raise FailedPrecondition(f"{desc['digest']}: content does not match its digest")
-    return blob
-
-
 # -- the actor ------------------------------------------------------------------------
 
 
@@ -754,6 +891,20 @@ class PullActor(PooledServiceActor):
             return Push(session, registry, self.config.root, request, progress).run()
 
         return self.run_later(ctx, work)
+
+    def on_start(self) -> None:
+        """Build the registry client in the background once the daemon has settled: its
+        imports (httpx, TLS) would otherwise cost the first pull ~0.3 s."""
+        super().on_start()
+        warm = threading.Timer(REGISTRY_WARMUP_DELAY, self._warm_registry)
+        warm.daemon = True
+        warm.start()
+
+    def _warm_registry(self) -> None:
+        try:
+            self.registry()
+        except Exception as exc:  # a bad registry config is reported by the first pull
+            log.debug("registry client warm-up: %s", exc)
 
     def on_stop(self) -> None:
         """Stop the apply workers with the actor."""

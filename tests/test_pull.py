@@ -315,12 +315,13 @@ def test_oversized_manifest_is_refused(puller: Daemon, hostile: HostileRegistry)
     assert puller.moorctl("images", "ls", "-q").returncode == 0
 
 
-def test_pull_resumes_after_the_images_process_is_killed(work: str, registry: RunningRegistry, busybox_layout: str) -> None:
-    layout = os.path.join(work, "layout-resume")
+@pytest.mark.parametrize("victim", ["images", "content"])
+def test_pull_resumes_after_a_process_is_killed(victim: str, work: str, registry: RunningRegistry, busybox_layout: str) -> None:
+    layout = os.path.join(work, f"layout-resume-{victim}")
     write_layout(layout, busybox_layout, [[("big", "file", os.urandom(48 << 20))]])
-    ref = f"{registry.host}/test/resume:v1"
+    ref = f"{registry.host}/test/resume-{victim}:v1"
     skopeo_push(layout, "latest", ref)
-    hosts = os.path.join(work, "hosts-resume")
+    hosts = os.path.join(work, f"hosts-resume-{victim}")
     write_hosts_toml(hosts, registry.host, f"http://{registry.host}")
     d = new_daemon(f'[plugins.registry]\nconfig_path = "{hosts}"\n')
     try:
@@ -334,16 +335,49 @@ def test_pull_resumes_after_the_images_process_is_killed(work: str, registry: Ru
                 return any(s["offset"] > 0 for s in statuses)
 
             wait_until(partial, 60, "a partial ingest")
-            os.kill(d.child_pid("images"), 9)
+            os.kill(d.child_pid(victim), 9)
             out, err = pull.communicate(timeout=180)
         finally:
             if pull.poll() is None:
                 pull.kill()
                 pull.wait()
         assert pull.returncode == 0, err
-        assert "resuming" in err
+        if victim == "images":
+            assert "resuming" in err  # the request was lost with the process: sent again
         run = d.moorctl("run", "--rm", ref, "resumed", "sh", "-c", "wc -c < /big")
         assert run.returncode == 0 and run.stdout.strip() == str(48 << 20), run.stderr
     finally:
         d.stop()
         cleanup_base(d.base)
+
+
+def test_pull_and_push_with_tls_and_basic_auth(work: str, busybox_layout: str) -> None:
+    """A registry behind TLS (a CA the test made) and htpasswd: credentials from moord's
+    config, the CA from hosts.toml; a wrong password is a clear error."""
+    with docker_registry(work, auth="htpasswd", tls=True, users={"puller": "p4ss"}) as secure:
+        hosts = os.path.join(work, "hosts-secure")
+        write_hosts_toml(hosts, secure.host, f"https://{secure.host}", extra=f'ca = "{secure.ca_cert}"')
+        auth = f'[plugins.registry.auths."{secure.host}"]\nusername = "puller"\npassword = "p4ss"\n'
+        d = new_daemon(f'[plugins.registry]\nconfig_path = "{hosts}"\n{auth}')
+        try:
+            d.start()
+            assert d.moorctl("images", "import", busybox_layout).returncode == 0
+            dest = f"{secure.host}/secure/busybox:1"
+            pushed = d.moorctl("images", "push", dest, "docker.io/library/busybox:latest")
+            assert pushed.returncode == 0, pushed.stderr
+            pulled = d.moorctl("images", "pull", "-q", dest)
+            assert pulled.returncode == 0, pulled.stderr
+            run = d.moorctl("run", "--rm", dest, "secure1", "echo", "hello")
+            assert run.returncode == 0 and run.stdout.strip() == "hello", run.stderr
+        finally:
+            d.stop()
+            cleanup_base(d.base)
+        wrong = new_daemon(f'[plugins.registry]\nconfig_path = "{hosts}"\n[plugins.registry.auths."{secure.host}"]\nusername = "puller"\npassword = "nope"\n')
+        try:
+            wrong.start()
+            refused = wrong.moorctl("images", "pull", "-q", f"{secure.host}/secure/busybox:1")
+            assert refused.returncode != 0
+            assert "unauthorized" in refused.stderr, refused.stderr
+        finally:
+            wrong.stop()
+            cleanup_base(wrong.base)
