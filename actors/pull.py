@@ -27,6 +27,7 @@ on unpacked layers and `containerd.io/gc.ref.snapshot.<snapshotter>` on configs.
 from __future__ import annotations
 
 import errno
+import fcntl
 import io
 import logging
 import os
@@ -98,6 +99,8 @@ MAX_INDEX_ENTRIES = 1024
 UNPACK_WORKERS = 4
 MAX_UNPACK_THREADS = 32
 REGISTRY_WARMUP_DELAY = 3.0
+F_SETPIPE_SZ = 1031
+TEE_PIPE_BYTES = 1 << 20  # /proc/sys/fs/pipe-max-size's default
 
 T = TypeVar("T")
 
@@ -220,6 +223,11 @@ def _open_fifo_writer(path: str, timeout: float = 30.0) -> int | None:
             time.sleep(0.005)
             continue
         os.set_blocking(fd, True)
+        try:
+            # A deep pipe keeps the apply busy while the download sends a chunk to the store.
+            fcntl.fcntl(fd, F_SETPIPE_SZ, TEE_PIPE_BYTES)
+        except OSError:
+            pass  # a shallow pipe is slower, not wrong
         return fd
 
 
