@@ -63,6 +63,7 @@ from moord.messages.shim import ShimCreate
 from moord.messages.tasks import (
     UNKNOWN_EXIT_STATUS,
     CheckpointTask,
+    CheckpointTaskReply,
     CloseIO,
     CreateTask,
     CreateTaskReply,
@@ -95,6 +96,8 @@ from moord.shims.shim import (
     ADDRESS_FILE,
     BUNDLES_DIR,
     CONFIG_FILE,
+    CRIU_DUMP_LOG,
+    CRIU_RESTORE_LOG,
     EXEC_FILE_PREFIX,
     INIT_PID_FILE,
     ROOTFS_DIR,
@@ -104,6 +107,7 @@ from moord.shims.shim import (
     ShimConfig,
     address_to_path,
     bundle_path,
+    first_criu_error,
     read_exit,
     runtime_command,
     runtime_name,
@@ -119,7 +123,14 @@ SHIM_CALL_TIMEOUT = 30.0  # runc create of a big spec can take a while
 REATTACH_TIMEOUT = 1.0  # a live shim answers state in milliseconds; fail fast otherwise
 RUNC_TIMEOUT = 30.0
 # Files a bundle may hold; removal deletes only these (never walks into rootfs).
-BUNDLE_FILES = ("config.json", "address", "shim.pid", "init.pid", "exit", "log.json", "shim.log", RUNTIME_FILE)
+BUNDLE_FILES = (
+    "config.json", "address", "shim.pid", "init.pid", "exit", "log.json", "shim.log", RUNTIME_FILE,
+    CRIU_DUMP_LOG, CRIU_RESTORE_LOG,
+)  # fmt: skip
+CRIU_CHECK_TIMEOUT = 30.0
+CHECKPOINTS_DIR = "checkpoints"  # under the root: where a checkpoint without a path goes
+# runc checkpoint/restore can take long for a big container (CRIU writes all its memory).
+CHECKPOINT_TIMEOUT = 120.0
 # Runtime names (containerd's runtime field) that select crun rather than the default.
 CRUN_RUNTIME_NAMES = ("crun", "io.containerd.crun.v2", "io.containerd.crun.v1")
 
@@ -479,6 +490,7 @@ class RuntimeActor(ServiceActor):
         self.tasks: dict[Key, Task] = {}
         self.zygote = Zygote()
         self.monitor: ShimMonitor | None = None
+        self.criu_checks: dict[str, str] = {}  # criu binary -> `criu check`'s first error ("" = works)
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -530,6 +542,10 @@ class RuntimeActor(ServiceActor):
         ns, cid = ctx.namespace, request.container_id
         if (ns, cid) in self.tasks:
             raise AlreadyExists(f"task {cid}: already exists")
+        if request.checkpoint:
+            self._require_criu("restore")
+            if not _clean_absolute(request.checkpoint) or not os.path.isdir(request.checkpoint):
+                raise InvalidArgument(f"checkpoint {request.checkpoint!r} is not an absolute directory")
         bundle = bundle_path(self.config.state, ns, cid)
         if os.path.lexists(bundle):
             raise AlreadyExists(f"task {cid}: a bundle exists already at {bundle}")
@@ -563,6 +579,7 @@ class RuntimeActor(ServiceActor):
                 stdout=request.stdout,
                 stderr=request.stderr,
                 terminal=request.terminal,
+                checkpoint=request.checkpoint,
             )
             reply = self._shim_call(task, "shim.create", shim_request.model_dump())
         except BaseException:
@@ -583,6 +600,7 @@ class RuntimeActor(ServiceActor):
                 bundle=bundle,
                 rootfs=request.rootfs,
                 io={"stdin": request.stdin, "stdout": request.stdout, "stderr": request.stderr, "terminal": request.terminal},
+                checkpoint=request.checkpoint,
                 pid=task.pid,
             ),
         )
@@ -608,7 +626,8 @@ class RuntimeActor(ServiceActor):
             return PidReply(pid=proc.pid)
         if task.status != "created":
             raise FailedPrecondition(f"task {task.container_id} is {task.status}, not created")
-        self._shim_call(task, "shim.start", {})
+        reply = self._shim_call(task, "shim.start", {}, timeout=CHECKPOINT_TIMEOUT)
+        task.pid = int(reply["pid"]) or task.pid  # a restored task gets its pid only now
         task.status = "running"
         self.events.publish("/tasks/start", task.namespace, TaskStart(container_id=task.container_id, pid=task.pid))
         return PidReply(pid=task.pid)
@@ -795,12 +814,51 @@ class RuntimeActor(ServiceActor):
         return Empty()
 
     @handles("tasks.checkpoint")
-    def checkpoint(self, request: CheckpointTask, ctx: CallContext) -> Empty:
-        """Checkpoint a task: needs CRIU on this host; not implemented yet either way."""
-        self._live(ctx.namespace, request.container_id)  # an unknown or stopped task is reported as such first
-        if shutil.which("criu") is None:
-            raise Unimplemented("checkpoint needs CRIU, which is not installed on this host")
-        raise Unimplemented("checkpoint is not implemented yet")
+    def checkpoint(self, request: CheckpointTask, ctx: CallContext) -> CheckpointTaskReply:
+        """Checkpoint a running or paused task with runc and CRIU (the shim runs `runc checkpoint`).
+
+        Refused with criu's own error when CRIU cannot work on this host. Without `exit`
+        the task keeps running; with it the task stops (its exit comes as any exit does).
+        """
+        task = self._live(ctx.namespace, request.container_id)  # an unknown or stopped task is reported as such first
+        if task.status not in ("running", "paused"):
+            raise FailedPrecondition(f"cannot checkpoint task {task.container_id}: it is {task.status}")
+        self._require_criu("checkpoint")
+        path = request.path or os.path.join(
+            self.config.root, CHECKPOINTS_DIR, task.namespace, f"{task.container_id}-{time.time_ns()}"
+        )
+        for what, value in (("image", path), ("work", request.work_path)):
+            if value and not _clean_absolute(value):
+                raise InvalidArgument(f"checkpoint {what} path {value!r} must be absolute, without '..'")
+        if os.path.lexists(path) and (not os.path.isdir(path) or os.path.islink(path) or os.listdir(path)):
+            raise AlreadyExists(f"checkpoint path {path} exists and is not an empty directory")
+        payload = request.model_dump(exclude={"container_id"})
+        payload["path"] = path
+        self._shim_call(task, "shim.checkpoint", payload, timeout=CHECKPOINT_TIMEOUT)
+        # containerd's TaskCheckpointed carries the checkpoint's name; ours is its path.
+        self.events.publish("/tasks/checkpointed", task.namespace, {"container_id": task.container_id, "checkpoint": path})
+        return CheckpointTaskReply(path=path)
+
+    def _require_criu(self, what: str) -> None:
+        """Unimplemented unless criu is installed and `criu check` passes (run once per binary)."""
+        criu = shutil.which("criu")
+        if criu is None:
+            raise Unimplemented(f"{what} needs CRIU, which is not installed on this host")
+        if criu not in self.criu_checks:
+            try:
+                result = subprocess.run(
+                    [criu, "check"], stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=CRIU_CHECK_TIMEOUT
+                )
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                self.criu_checks[criu] = f"could not run it: {exc}"
+            else:
+                output = f"{result.stderr}\n{result.stdout}"
+                lines = [line.strip() for line in output.splitlines() if line.strip()]
+                failed = result.returncode != 0 or bool(first_criu_error(output))
+                self.criu_checks[criu] = (first_criu_error(output) or (lines[-1] if lines else f"exit {result.returncode}")) if failed else ""
+        error = self.criu_checks[criu]
+        if error:
+            raise Unimplemented(f"{what} needs CRIU; `criu check` fails on this host: {error}")
 
     # -- helpers --------------------------------------------------------------------
 
@@ -1066,6 +1124,11 @@ class RuntimeActor(ServiceActor):
         if state is None and shim_is_alive(probe.shim_pid, *task.key):
             os.kill(probe.shim_pid, signal.SIGKILL)  # alive but deaf: it cannot be trusted
         self._shim_gone(task)
+
+
+def _clean_absolute(path: str) -> bool:
+    """An absolute path without '..' components (checkpoint paths are the caller's, used as root)."""
+    return os.path.isabs(path) and ".." not in path.split(os.sep)
 
 
 def _valid(name: str) -> bool:

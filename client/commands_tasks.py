@@ -1,4 +1,4 @@
-"""moorctl tasks ps/pause/resume/metrics/exec (ctr's task subcommands).
+"""moorctl tasks ps/pause/resume/metrics/exec/checkpoint/restore (ctr's task subcommands).
 
 Attached to the `tasks` group of client/cli.py on import; imports only click up front.
 """
@@ -222,3 +222,88 @@ def tasks_exec(
         if fifos is not None:
             fifos.close(remove=True)
     raise SystemExit(status)
+
+
+# CRIU writes (or reads) the container's whole memory: allow more than a usual call.
+CHECKPOINT_CALL_TIMEOUT = 150.0
+
+
+@tasks.command("checkpoint")
+@click.option("--exit", "exit_after", is_flag=True, help="stop the container after the checkpoint")
+@click.option("--image-path", default="", help="directory for the CRIU image (default: a new one under the daemon's root)")
+@click.option("--work-path", default="", help="keep CRIU's work files and logs in this directory")
+@click.option("--tcp-established", is_flag=True, help="allow open TCP connections")
+@click.option("--ext-unix-sk", is_flag=True, help="allow external unix sockets")
+@click.option("--shell-job", is_flag=True, help="allow a terminal (shell job)")
+@click.option("--file-locks", is_flag=True, help="allow file locks")
+@click.argument("container_id")
+@pass_ctx
+def tasks_checkpoint(
+    ctx: Context,
+    exit_after: bool,
+    image_path: str,
+    work_path: str,
+    tcp_established: bool,
+    ext_unix_sk: bool,
+    shell_job: bool,
+    file_locks: bool,
+    container_id: str,
+) -> None:
+    """Checkpoint a running task with CRIU (as `ctr tasks checkpoint`); prints the image path when not given."""
+    import os
+
+    payload = {
+        "container_id": container_id,
+        "path": os.path.abspath(image_path) if image_path else "",
+        "work_path": os.path.abspath(work_path) if work_path else "",
+        "exit": exit_after,
+        "open_tcp": tcp_established,
+        "external_unix_sockets": ext_unix_sk,
+        "terminal": shell_job,
+        "file_locks": file_locks,
+    }
+    reply = call(ctx, "tasks.checkpoint", payload, timeout=CHECKPOINT_CALL_TIMEOUT)
+    if not image_path:
+        click.echo(reply["path"])
+
+
+@tasks.command("restore")
+@click.option("--image-path", required=True, help="the CRIU image a `tasks checkpoint` wrote")
+@click.option("--log-uri", default="", help="stdout and stderr to file:///path (default: /dev/null)")
+@click.argument("container_id")
+@pass_ctx
+def tasks_restore(ctx: Context, image_path: str, log_uri: str, container_id: str) -> None:
+    """Create the task of an existing container from a checkpoint and start it, detached.
+
+    containerd restores at start (`runc restore --detach`); the task is RUNNING once this returns.
+    The container's rootfs must be the one checkpointed (its snapshot is reused as is).
+    """
+    import os
+
+    container, _ = _container_spec(ctx, container_id)
+    rootfs: list[dict[str, Any]] = []
+    if container.get("snapshot_key"):
+        rootfs = call(
+            ctx, "snapshots.mounts", {"snapshotter": container.get("snapshotter") or "overlayfs", "key": container["snapshot_key"]}
+        )["mounts"]
+    payload = {
+        "container_id": container_id,
+        "rootfs": rootfs,
+        "checkpoint": os.path.abspath(image_path),
+        "stdout": log_uri,
+        "stderr": log_uri,
+    }
+    from moord.messages.errors import MoordError
+
+    call(ctx, "tasks.create", payload)
+    try:
+        reply = ctx.client.call("tasks.start", {"container_id": container_id}, timeout=CHECKPOINT_CALL_TIMEOUT)
+    except MoordError as exc:
+        # A failed restore leaves nothing running: do not leave its created task behind either.
+        try:
+            ctx.client.call("tasks.delete", {"container_id": container_id})
+        except MoordError:
+            pass
+        fail(exc)
+        return
+    click.echo(reply["pid"])

@@ -25,7 +25,8 @@ class ShimStateReply(Message):
 
 @request("shim.create", PidReply)
 class ShimCreate(Message):
-    """Mount the rootfs at <bundle>/rootfs, then `runc create`.
+    """Mount the rootfs at <bundle>/rootfs, then `runc create` (with `checkpoint`: nothing
+    more; the restore waits for shim.start, as containerd's createdCheckpointState).
 
     stdio are FIFO paths, empty (/dev/null), or for stdout/stderr a `file:///abs/path`
     log URI the shim appends to. With `terminal` the shim takes the pty master through
@@ -37,6 +38,7 @@ class ShimCreate(Message):
     stdout: str = _PATH
     stderr: str = _PATH
     terminal: bool = False
+    checkpoint: str = _PATH  # a CRIU image: shim.start runs `runc restore` from it instead of `runc start`
 
 
 @request("shim.start", PidReply)
@@ -122,3 +124,17 @@ class ShimCloseIO(Message):
     """Close the stdin the shim copies for a process."""
 
     exec_id: ExecId = ""
+
+
+@request("shim.checkpoint", Empty)
+class ShimCheckpoint(Message):
+    """`runc checkpoint` the container into `path` (see messages.tasks.CheckpointTask)."""
+
+    path: str = Field(min_length=1, max_length=4096)
+    exit: bool = False
+    work_path: str = _PATH
+    open_tcp: bool = False
+    external_unix_sockets: bool = False
+    terminal: bool = False
+    file_locks: bool = False
+    empty_namespaces: list[str] = Field(default_factory=list)

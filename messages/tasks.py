@@ -97,6 +97,9 @@ class CreateTask(Message):
     terminal: bool = False
     options: dict[str, Any] | None = None
     runtime_path: str = _PATH
+    # A CRIU image directory (tasks.checkpoint's path): the task is restored from it at
+    # tasks.start (`runc restore`) instead of started afresh, as containerd does.
+    checkpoint: str = _PATH
 
 
 @request("tasks.start", PidReply)
@@ -283,9 +286,30 @@ class CloseIO(Message):
     stdin: bool = True
 
 
-@request("tasks.checkpoint", Empty)
+class CheckpointTaskReply(Message):
+    """Where the checkpoint image was written."""
+
+    path: str
+
+
+@request("tasks.checkpoint", CheckpointTaskReply)
 class CheckpointTask(Message):
-    """Checkpoint a running task through runc and CRIU; `path` is where the image goes ("": the runtime's choice)."""
+    """Checkpoint a running or paused task through runc and CRIU (containerd's CheckpointOptions).
+
+    `path` is the absolute directory the CRIU image goes to ("": a new directory under the
+    daemon's root, named in the reply); it must not exist or be empty. `exit` stops the
+    task after the dump (runc without --leave-running); otherwise it keeps running.
+    `work_path` keeps CRIU's logs there ("": a directory in the bundle, removed after).
+    The flags map to runc checkpoint's --tcp-established, --ext-unix-sk, --shell-job,
+    --file-locks and --empty-ns.
+    """
 
     container_id: Identifier
     path: str = _PATH
+    exit: bool = False
+    work_path: str = _PATH
+    open_tcp: bool = False
+    external_unix_sockets: bool = False
+    terminal: bool = False
+    file_locks: bool = False
+    empty_namespaces: list[Literal["network", "ipc", "uts", "pid", "mount", "user", "cgroup"]] = Field(default_factory=list)

@@ -74,6 +74,9 @@ ROOTFS_DIR = "rootfs"
 RUNC_LOG_FILE = "log.json"
 SHIM_LOG_FILE = "shim.log"
 RUNTIME_FILE = "runtime"
+CRIU_WORK_DIR = "criu-work"  # runc checkpoint/restore's default --work-path, removed after
+CRIU_DUMP_LOG = "criu-dump.log"  # kept in the bundle when a checkpoint fails
+CRIU_RESTORE_LOG = "criu-restore.log"  # kept in the bundle when a restore fails
 EXEC_FILE_PREFIX = "exec-"  # exec-<id>.json / exec-<id>.pid, removed once runc has read them
 TITLE_PREFIX = "moord-shim: "
 FILE_URI = "file://"
@@ -191,6 +194,23 @@ def runc_error(bundle: str, fallback: str) -> str:
         if isinstance(entry, dict) and entry.get("level") in ("error", "fatal"):
             message = str(entry.get("msg", ""))
     return message or fallback.strip() or "runtime failed"
+
+
+def first_criu_error(text: str) -> str:
+    """CRIU's first `Error (...)` line in a log or its stderr ("" if none), without the timestamp."""
+    for line in text.splitlines():
+        at = line.find("Error (")
+        if at >= 0:
+            return line[at:].strip()
+    return ""
+
+
+def _keep_criu_log(work: str, log_name: str, kept: str) -> str:
+    """Copy CRIU's log out of its work dir (which may be removed) and return its first error."""
+    text = read_small(os.path.join(work, log_name), limit=1 << 22) or ""
+    if text:
+        write_atomic(kept, text.encode(), 0o600, durable=False)
+    return first_criu_error(text)
 
 
 def spec_cgroups_path(bundle: str) -> str:
@@ -544,6 +564,7 @@ class Shim:
         self.mounted = False
         self.done = False
         self.cgroups_path = ""
+        self.restore_from = ""  # a CRIU image shim.start restores the init from (shim.create's checkpoint)
         self._oom: Any = None
         self._trim_pending = False
         self._context: zmq.Context | None = None
@@ -564,6 +585,7 @@ class Shim:
             "shim.update": self.update,
             "shim.resize_pty": self.resize_pty,
             "shim.close_io": self.close_io,
+            "shim.checkpoint": self.checkpoint,
         }
 
     # The init's state, under the names the first shim used.
@@ -940,6 +962,14 @@ class Shim:
         proc = self.init
         proc.stdio = (request.stdin, request.stdout, request.stderr)
         proc.terminal = request.terminal
+        if request.checkpoint:
+            # containerd's createdCheckpointState: nothing runs until start restores it.
+            if not os.path.isabs(request.checkpoint) or not os.path.isdir(request.checkpoint):
+                self._teardown(force=True)
+                raise InvalidArgument(f"checkpoint {request.checkpoint!r} is not an absolute directory")
+            self.restore_from = request.checkpoint
+            proc.status = "created"
+            return {"pid": 0}
         try:
             pid_file = os.path.join(self.bundle, INIT_PID_FILE)
             args = ["create", "--bundle", self.bundle, "--pid-file", pid_file, self.config.container_id]
@@ -971,6 +1001,8 @@ class Shim:
         proc = self._proc(request.exec_id)
         if proc.status != "created":
             raise FailedPrecondition(f"process {request.exec_id or self.config.container_id} is {proc.status}, not created")
+        if not proc.exec_id and self.restore_from:
+            return self._restore(proc)
         if not proc.exec_id:
             result = self._runc("start", self.config.container_id)
             if result.returncode != 0:
@@ -1002,6 +1034,77 @@ class Shim:
                     pass
         proc.status = "running"
         return {"pid": proc.pid}
+
+    def _restore(self, proc: _Proc) -> Reply:
+        """`runc restore --detach` the init from the CRIU image shim.create named.
+
+        We are the subreaper already, so runc need not be one (--no-subreaper): the
+        restored init becomes our child and is reaped by the loop like a started one.
+        """
+        pid_file = os.path.join(self.bundle, INIT_PID_FILE)
+        work = os.path.join(self.bundle, CRIU_WORK_DIR)
+        os.makedirs(work, mode=0o700, exist_ok=True)
+        args = [
+            "restore", "--detach", "--no-subreaper", "--bundle", self.bundle, "--pid-file", pid_file,
+            "--image-path", self.restore_from, "--work-path", work, self.config.container_id,
+        ]  # fmt: skip
+        try:
+            self._run_with_stdio(proc, args, "init")
+        except Internal as exc:
+            kept = os.path.join(self.bundle, CRIU_RESTORE_LOG)
+            criu = _keep_criu_log(work, "restore.log", kept)
+            raise Internal(f"{exc.message}: {criu or 'see the CRIU log'} (criu log: {kept})") from None
+        finally:
+            subprocess.run(["rm", "-rf", "--one-file-system", work], check=False)
+        proc.pid = int((read_small(pid_file) or "0").strip() or 0)
+        if proc.pid <= 0:
+            raise Internal("runc restore wrote no init pid")
+        self.restore_from = ""
+        if proc.status == "created":
+            proc.status = "running"
+        self._watch_oom()
+        return {"pid": proc.pid}
+
+    def checkpoint(self, request: Request) -> Reply:
+        """`runc checkpoint` the running (or paused) container into request.path.
+
+        Without `exit` the container keeps running (--leave-running); with it CRIU kills
+        the tree after the dump and the loop reaps the init like any exit. A failure
+        keeps CRIU's dump.log as criu-dump.log in the bundle and quotes its first error.
+        """
+        proc = self._proc("")
+        if proc.status not in ("running", "paused") or proc.reaped:
+            raise FailedPrecondition(f"cannot checkpoint task {self.config.container_id}: it is {proc.status}")
+        if not os.path.isabs(request.path) or (request.work_path and not os.path.isabs(request.work_path)):
+            raise InvalidArgument("checkpoint image and work paths must be absolute")
+        work = request.work_path or os.path.join(self.bundle, CRIU_WORK_DIR)
+        os.makedirs(request.path, mode=0o700, exist_ok=True)
+        os.makedirs(work, mode=0o700, exist_ok=True)
+        args = ["checkpoint", "--image-path", request.path, "--work-path", work]
+        if not request.exit:
+            args.append("--leave-running")
+        for wanted, flag in (
+            (request.open_tcp, "--tcp-established"),
+            (request.external_unix_sockets, "--ext-unix-sk"),
+            (request.terminal, "--shell-job"),
+            (request.file_locks, "--file-locks"),
+        ):
+            if wanted:
+                args.append(flag)
+        for namespace in request.empty_namespaces:
+            args += ["--empty-ns", namespace]
+        args.append(self.config.container_id)
+        try:
+            result = self._runc(*args)
+            if result.returncode != 0:
+                kept = os.path.join(self.bundle, CRIU_DUMP_LOG)
+                criu = _keep_criu_log(work, "dump.log", kept)
+                failed = self._runc_failed(f"{os.path.basename(self.config.runtime)} checkpoint", result)
+                raise Internal(f"{failed}: {criu or 'see the CRIU log'} (criu log: {kept})")
+        finally:
+            if not request.work_path:
+                subprocess.run(["rm", "-rf", "--one-file-system", work], check=False)
+        return {}
 
     def _process(self, proc: _Proc) -> Reply:
         return {  # messages.tasks.Process

@@ -105,11 +105,30 @@ _STDIO: dict[str, tuple[Check, Any]] = {
     "terminal": (_bool, False),
 }
 _EXEC_ID: dict[str, tuple[Check, Any]] = {"exec_id": (_exec_id, "")}
+
+
+def _required_path(name: str, value: Any) -> str:
+    value = _string(PATH_MAX)(name, value)
+    if not value:
+        raise InvalidArgument(f"{name}: must not be empty")
+    return value
+
+
+_CHECKPOINT: dict[str, tuple[Check, Any]] = {
+    "path": (_required_path, None),
+    "exit": (_bool, False),
+    "work_path": (_string(PATH_MAX), ""),
+    "open_tcp": (_bool, False),
+    "external_unix_sockets": (_bool, False),
+    "terminal": (_bool, False),
+    "file_locks": (_bool, False),
+    "empty_namespaces": (_strings, []),
+}
 _REQUIRED = object()  # a field without a default
 
 # kind -> field -> (check, default); mirrors messages/shim.py.
 REQUESTS: dict[str, dict[str, tuple[Check, Any]]] = {
-    "shim.create": {"rootfs": (_mounts, []), **_STDIO},
+    "shim.create": {"rootfs": (_mounts, []), **_STDIO, "checkpoint": (_string(PATH_MAX), "")},
     "shim.start": _EXEC_ID,
     "shim.state": {},
     "shim.wait": _EXEC_ID,
@@ -126,6 +145,7 @@ REQUESTS: dict[str, dict[str, tuple[Check, Any]]] = {
         "height": (_int_between(1, 65535), _REQUIRED),
     },
     "shim.close_io": _EXEC_ID,
+    "shim.checkpoint": _CHECKPOINT,
 }
 
 
