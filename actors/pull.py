@@ -99,6 +99,9 @@ MAX_INDEX_ENTRIES = 1024
 UNPACK_WORKERS = 4
 MAX_UNPACK_THREADS = 32
 REGISTRY_WARMUP_DELAY = 3.0
+# A 4 MiB chunk is written in milliseconds; a reply this late means the content process
+# died with the request (ZeroMQ drops it silently): resume from the ingest instead.
+CHUNK_WRITE_TIMEOUT = 10.0
 F_SETPIPE_SZ = 1031
 TEE_PIPE_BYTES = 1 << 20  # /proc/sys/fs/pipe-max-size's default
 
@@ -465,7 +468,7 @@ class Pull:
                             chunk = stream.read(MAX_CHUNK_BYTES)
                             if not chunk:
                                 break
-                            self.session.call("content.write", {**base, "action": "write", "offset": offset}, frames=[chunk], timeout=60)
+                            self.session.call("content.write", {**base, "action": "write", "offset": offset}, frames=[chunk], timeout=CHUNK_WRITE_TIMEOUT)
                             sink = _feed(sink, chunk)
                             offset += len(chunk)
                             self.progress(desc, "downloading", offset)

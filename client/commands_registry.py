@@ -7,7 +7,6 @@ descriptor with rich, imported only when a terminal will show the bars.
 
 from __future__ import annotations
 
-import secrets
 import sys
 import threading
 import time
@@ -116,6 +115,8 @@ class _Watch(threading.Thread):
 def run_transfer(ctx: Context, kind: str, payload: dict[str, Any], quiet: bool) -> dict[str, Any]:
     """Send a pull or push and show its progress until it answers; send it again (it
     resumes) when a daemon process restarts under it, at most RESUMES times."""
+    import secrets
+
     from moord.bus.events import EventSubscriber
     from moord.messages.errors import DeadlineExceeded, Unavailable
 

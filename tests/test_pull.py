@@ -336,7 +336,10 @@ def test_pull_resumes_after_a_process_is_killed(victim: str, work: str, registry
 
             wait_until(partial, 60, "a partial ingest")
             os.kill(d.child_pid(victim), 9)
-            out, err = pull.communicate(timeout=180)
+            try:
+                out, err = pull.communicate(timeout=90)
+            except subprocess.TimeoutExpired:
+                raise AssertionError(f"the pull did not finish; daemon log:\n{d.log()[-6000:]}") from None
         finally:
             if pull.poll() is None:
                 pull.kill()
