@@ -50,6 +50,7 @@ from moord.messages.errors import (
     error_from_wire,
 )
 from moord.messages.events import (
+    TaskCheckpointed,
     TaskCreate,
     TaskDelete,
     TaskExecAdded,
@@ -836,7 +837,7 @@ class RuntimeActor(ServiceActor):
         payload["path"] = path
         self._shim_call(task, "shim.checkpoint", payload, timeout=CHECKPOINT_TIMEOUT)
         # containerd's TaskCheckpointed carries the checkpoint's name; ours is its path.
-        self.events.publish("/tasks/checkpointed", task.namespace, {"container_id": task.container_id, "checkpoint": path})
+        self.events.publish("/tasks/checkpointed", task.namespace, TaskCheckpointed(container_id=task.container_id, checkpoint=path))
         return CheckpointTaskReply(path=path)
 
     def _require_criu(self, what: str) -> None:

@@ -115,6 +115,13 @@ class TaskResumed(Message):
     container_id: str
 
 
+class TaskCheckpointed(Message):
+    """/tasks/checkpointed"""
+
+    container_id: str
+    checkpoint: str
+
+
 class TaskExecAdded(Message):
     """/tasks/exec-added"""
 
