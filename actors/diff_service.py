@@ -82,6 +82,11 @@ class DiffActor(PooledServiceActor):
         self.config = config
         self.client = client
 
+    def on_start(self) -> None:
+        """Undo the temporary mounts of diffs that a crash of this process interrupted."""
+        super().on_start()
+        clean_temp_mounts(os.path.join(self.config.root, TEMP_MOUNTS))
+
     def _defer(self, ctx: CallContext, work: Callable[[Session], Any]) -> object:
         session = Session(self.client, ctx.namespace, ctx.lease)
         return self.run_later(ctx, lambda: work(session))
@@ -208,6 +213,23 @@ class ContentUpload:
 
 def _unique_ref() -> str:
     return f"diff-{time.time_ns()}-{secrets.token_hex(4)}"
+
+
+def clean_temp_mounts(parent: str) -> None:
+    """Unmount and remove what diffs left under `parent` (none run yet: the process just started)."""
+    from moord.linux.mount import unmount_all
+
+    try:
+        names = os.listdir(parent)
+    except FileNotFoundError:
+        return
+    for name in names:
+        path = os.path.join(parent, name)
+        try:
+            unmount_all(path, detach=True)
+            os.rmdir(path)
+        except OSError as exc:
+            log.warning("could not clean up %s: %s", path, exc)
 
 
 def make_diff(session: Session, root: str, request: MakeDiff) -> DiffReply:

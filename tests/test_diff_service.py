@@ -254,3 +254,28 @@ def test_errors_are_typed(service: DiffService, busybox_chain: str) -> None:
         service.call("diff.apply", {"diff": {**desc, "media_type": GZIP}, "mounts": target})
     with pytest.raises(InvalidArgument):
         service.call("diff.apply", {"diff": desc, "mounts": []})
+
+
+def test_a_restarted_images_process_undoes_leftover_diff_mounts(fresh_daemon: Daemon) -> None:
+    """A diff interrupted by a crash leaves a mount under <root>/tmpmounts: the next start of
+    the images process unmounts and removes it."""
+    from moord.linux.mount import is_mountpoint, mount
+    from tests.daemon import wait_until
+
+    parent = os.path.join(fresh_daemon.root, "tmpmounts")
+    os.makedirs(parent, exist_ok=True)
+    leftover = tempfile.mkdtemp(prefix="diff-", dir=parent)
+    source = tempfile.mkdtemp(prefix="md-src-", dir="/tmp")
+    try:
+        mount({"type": "bind", "source": source, "options": ["ro", "rbind"]}, leftover)
+        assert is_mountpoint(leftover)
+        old = fresh_daemon.child_pid("images")
+        os.kill(old, 9)
+        wait_until(lambda: fresh_daemon.child_pid("images") not in (0, old), 30, "the images process to restart")
+        wait_until(lambda: not os.path.exists(leftover), 30, "the leftover mount to be cleaned up")
+    finally:
+        if os.path.exists(leftover) and is_mountpoint(leftover):
+            from moord.linux.mount import unmount_all
+
+            unmount_all(leftover, detach=True)
+        shutil.rmtree(source, ignore_errors=True)
