@@ -24,7 +24,7 @@ from moord.shims import wire
 from moord.shims.shim import first_criu_error
 from tests.daemon import Daemon, wait_until
 from tests.test_runtime import BUSYBOX, NS, RUNC
-from tests.test_tasks import TaskEnv
+from tests.test_tasks import TaskEnv, env  # noqa: F401  (the runtime actor in-process, cleaned up even on failure)
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or RUNC is None or not os.path.exists(BUSYBOX), reason="needs root, runc and busybox"
@@ -55,15 +55,6 @@ needs_failing_criu = pytest.mark.skipif(
 )
 
 
-@pytest.fixture
-def env(rootfs: str) -> Iterator[TaskEnv]:
-    """The runtime actor in-process, cleaned up (shims, runc state, mounts) even on failure."""
-    e = TaskEnv(rootfs)
-    try:
-        e.start_runtime()
-        yield e
-    finally:
-        e.cleanup()
 
 
 @pytest.fixture
