@@ -6,7 +6,7 @@ other. Worker processes extract layers of one pull side by side, one per core.
 
 The workers come from a forkserver (a fresh interpreter that has imported only the
 applier), never from a fork of the images process itself, whose ZeroMQ and actor
-threads must not be copied. They die with the images process (PDEATHSIG), are
+threads must not be copied. They die with the images process (a pidfd watch), are
 started on the first pull, and stop after IDLE_SECONDS without work, so an idle
 daemon holds no extra memory. A worker reads a stored blob, or a FIFO that the
 layer's download feeds while it arrives.
@@ -59,7 +59,12 @@ class PipeReader(io.RawIOBase):
                 continue
 
 
-def _init_worker() -> None:
+def _init_worker(owner: int) -> None:
+    """Name the worker and tie its life to the images process `owner`.
+
+    The worker's parent is the forkserver, so PDEATHSIG alone would not notice the images
+    process dying; a worker also holds the forkserver's liveness pipe, so the forkserver
+    would wait for it forever. A thread watching the owner's pidfd ends both."""
     from moord.linux.process import PR_SET_PDEATHSIG, prctl
 
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -69,6 +74,16 @@ def _init_worker() -> None:
         setproctitle("moord: images apply worker")
     except ImportError:  # titles are cosmetic
         pass
+    try:
+        pidfd = os.pidfd_open(owner)
+    except ProcessLookupError:
+        os._exit(0)
+
+    def watch() -> None:
+        select.select([pidfd], [], [])
+        os._exit(0)  # the images process is gone: nothing will read our result
+
+    threading.Thread(target=watch, name="owner-watch", daemon=True).start()
 
 
 def apply_blob_file(path: str, target: str, mode: str, parents: Sequence[str]) -> diff.ApplyResult:
@@ -108,7 +123,7 @@ class ApplyWorkers:
 
                 context = multiprocessing.get_context("forkserver")
                 context.set_forkserver_preload(["moord.actors.diff", "moord.actors.apply_workers"])
-                self._pool = ProcessPoolExecutor(self.workers, mp_context=context, initializer=_init_worker)
+                self._pool = ProcessPoolExecutor(self.workers, mp_context=context, initializer=_init_worker, initargs=(os.getpid(),))
             self._busy += 1
             return self._pool
 

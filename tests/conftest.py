@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import tempfile
+import time
 from typing import Iterator
 
 import pytest
@@ -93,6 +94,10 @@ def no_leftovers() -> Iterator[None]:
     # As subreaper we adopted every shim our daemons started: any still alive leaked.
     alive = [p.pid for p in psutil.Process().children(recursive=True) if "moord-shim" in " ".join(p.cmdline())]
     assert not alive, f"tests left shims running: {alive}"
+    # Apply workers and their forkserver must end with their images process.
+    time.sleep(0.5)
+    workers = [p.pid for p in psutil.Process().children(recursive=True) if any(w in " ".join(p.cmdline()) for w in ("apply worker", "multiprocessing.forkserver"))]
+    assert not workers, f"tests left layer apply workers running: {workers}"
     with open("/proc/self/mountinfo") as fh:
         mounts = [line.split()[4] for line in fh if line.split()[4].startswith(tuple(base + "/" for base in SESSION_BASES))]
     assert not mounts, f"tests left mounts behind: {mounts[:5]}"
