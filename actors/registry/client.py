@@ -152,6 +152,19 @@ def _status_error(response: httpx.Response, what: str) -> MoordError:
     return InvalidArgument(f"{what}: the registry answered {code}{detail}")
 
 
+
+def _read_bodies_in_larger_pieces() -> None:
+    """httpcore reads a body 64 KiB at a time, each piece through h11's Python parser:
+    on a fast registry that parsing is most of a download's CPU. 1 MiB pieces cut it ~16x."""
+    try:
+        from httpcore._sync.http11 import HTTP11Connection
+    except ImportError:  # another httpcore layout: the default still works
+        return
+    HTTP11Connection.READ_NUM_BYTES = max(HTTP11Connection.READ_NUM_BYTES, 1 << 20)
+
+
+_read_bodies_in_larger_pieces()
+
 class RegistryClient:
     """OCI distribution API: resolve, fetch documents and blobs, push. Thread-safe."""
 
