@@ -95,9 +95,9 @@ def apply_blob_file(path: str, target: str, mode: str, parents: Sequence[str]) -
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     try:
         if stat.S_ISFIFO(os.fstat(fd).st_mode):
-            return diff.apply_layer(PipeReader(fd, STREAM_IDLE_SECONDS), target, mode=mode, parents=parents, source_verified=True)  # type: ignore[arg-type]
+            return diff.apply_layer(PipeReader(fd, STREAM_IDLE_SECONDS), target, mode=mode, parents=parents, source_verified=True, prefetch=True)  # type: ignore[arg-type]
         os.set_blocking(fd, True)
-        return diff.apply_layer(fd, target, mode=mode, parents=parents, source_verified=True)
+        return diff.apply_layer(fd, target, mode=mode, parents=parents, source_verified=True, prefetch=True)
     finally:
         os.close(fd)
 

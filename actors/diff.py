@@ -28,9 +28,11 @@ import hashlib
 import logging
 import os
 import posixpath
+import queue
 import shutil
 import stat
 import struct
+import threading
 import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -205,6 +207,52 @@ def _decompressor(raw: _Raw, kind: str) -> Callable[[], bytes]:
                 return out
 
     return next_gzip
+
+
+class _Prefetch:
+    """Runs a decompressor one thread ahead (zlib and zstd release the GIL), so a layer's
+    inflating overlaps the creation of its files."""
+
+    def __init__(self, produce: Callable[[], bytes], depth: int = 4) -> None:
+        self._queue: queue.Queue[bytes | BaseException] = queue.Queue(depth)
+        self._stop = threading.Event()
+        self._eof = False
+        self._thread = threading.Thread(target=self._run, args=(produce,), name="layer-inflate", daemon=True)
+        self._thread.start()
+
+    def _run(self, produce: Callable[[], bytes]) -> None:
+        try:
+            while not self._stop.is_set():
+                chunk = produce()
+                self._put(chunk)
+                if not chunk:
+                    return
+        except BaseException as exc:  # handed to the reader, raised there
+            self._put(exc)
+
+    def _put(self, item: bytes | BaseException) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def __call__(self) -> bytes:
+        if self._eof:
+            return b""
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            self._eof = True
+            raise item
+        if not item:
+            self._eof = True
+        return item
+
+    def close(self) -> None:
+        """Stop the thread (the apply ended, perhaps before the end of the layer)."""
+        self._stop.set()
+        self._thread.join(timeout=5)
 
 
 class _Tape:
@@ -589,6 +637,7 @@ def apply_layer(
     max_bytes: int = DEFAULT_MAX_BYTES,
     max_entries: int = DEFAULT_MAX_ENTRIES,
     source_verified: bool = False,
+    prefetch: bool = False,
 ) -> ApplyResult:
     """Apply a layer (a path, a readable binary stream or an fd) onto directory `target`.
 
@@ -598,12 +647,16 @@ def apply_layer(
     skips device nodes. Hostile or malformed input raises InvalidArgument; the diff
     ID covers the whole uncompressed stream. `source_verified`: the compressed bytes'
     digest is checked elsewhere (the content store's commit), so it is not computed
-    again (compressed_digest is then "" for a compressed layer).
+    again (compressed_digest is then "" for a compressed layer). `prefetch` inflates in a
+    second thread, overlapping decompression with file creation.
     """
     if isinstance(source, str):
         fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            return apply_layer(fd, target, mode=mode, parents=parents, devices=devices, max_bytes=max_bytes, max_entries=max_entries, source_verified=source_verified)
+            return apply_layer(
+                fd, target, mode=mode, parents=parents, devices=devices, max_bytes=max_bytes,
+                max_entries=max_entries, source_verified=source_verified, prefetch=prefetch,
+            )
         finally:
             os.close(fd)
     raw = _Raw(source)
@@ -611,8 +664,15 @@ def apply_layer(
     hashed = kind != "none" and not source_verified
     if not hashed:
         raw.stop_hashing()
-    tape = _Tape(_decompressor(raw, kind), max_bytes)
-    applier = _Applier(target, mode, parents, devices, max_entries)
+    produce = _decompressor(raw, kind)
+    ahead = _Prefetch(produce) if prefetch and kind != "none" else None
+    tape = _Tape(ahead or produce, max_bytes)
+    try:
+        applier = _Applier(target, mode, parents, devices, max_entries)
+    except BaseException:
+        if ahead is not None:
+            ahead.close()
+        raise
     try:
         _run(tape, applier)
         tape.drain()
@@ -625,6 +685,8 @@ def apply_layer(
         raise InvalidArgument(f"invalid layer: {exc}") from None
     finally:
         applier.close()
+        if ahead is not None:
+            ahead.close()
     while raw.read(_READ_CHUNK):  # the compressed digest covers the whole input
         pass
     diff_id = "sha256:" + tape.hash.hexdigest()
