@@ -355,6 +355,17 @@ class Pull:
         """The distribution.source label every pulled blob carries."""
         return {self.source_key: self.source_value}
 
+    def merged_source(self, digest: str) -> dict[str, str]:
+        """The source label for a blob that may exist already: this repository added to the
+        ones it lists (comma separated, sorted), as containerd appends a source."""
+        try:
+            info = self.session.call("content.info", {"digest": digest})["info"]
+        except NotFound:
+            return self.source
+        repos = {r for r in (info.get("labels") or {}).get(self.source_key, "").split(",") if r}
+        repos.add(self.source_value)
+        return {self.source_key: ",".join(sorted(repos))}
+
     # planning
 
     def fetch_document(self, desc: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
@@ -378,7 +389,8 @@ class Pull:
             manifest.layers = [validate_descriptor(layer, "manifest layers") for layer in manifest.doc.get("layers", [])]
             self.progress(manifest.config_desc, "downloading")
             data, manifest.config = self.fetch_document(manifest.config_desc)
-            write_blob(self.session, manifest.config_desc["digest"], len(data), lambda data=data: io.BytesIO(data), self.source)
+            digest = manifest.config_desc["digest"]
+            write_blob(self.session, digest, len(data), lambda data=data: io.BytesIO(data), self.merged_source(digest))
             self._count(len(data))
             self.progress(manifest.config_desc, "downloaded", len(data))
         return plan
@@ -447,7 +459,7 @@ class Pull:
                     status = self.session.call("content.write", {**base, "action": "stat"})
                 except AlreadyExists:
                     tee.refuse()
-                    self.session.update_labels(digest, size, self.source)
+                    self.session.update_labels(digest, size, self.merged_source(digest))
                     self.progress(desc, "exists", size)
                     return
                 offset = int(status.get("offset", 0))
@@ -482,7 +494,7 @@ class Pull:
                 try:
                     self.session.call("content.write", {**base, "action": "commit", "offset": offset, "labels": self.source}, timeout=120)
                 except AlreadyExists:
-                    self.session.update_labels(digest, size, self.source)
+                    self.session.update_labels(digest, size, self.merged_source(digest))
                 self._count(size)
                 self.progress(desc, "downloaded", size)
                 return
@@ -744,7 +756,7 @@ class Pull:
         return [m for m in plan.manifests if m.platform is None or oci.platform_matches(m.platform, host)][:1]
 
     def _write_document(self, desc: dict[str, Any], data: bytes, doc: dict[str, Any]) -> None:
-        labels = {**child_labels(doc, desc["mediaType"]), **self.source}
+        labels = {**child_labels(doc, desc["mediaType"]), **self.merged_source(desc["digest"])}
         if write_blob(self.session, desc["digest"], len(data), lambda: io.BytesIO(data), labels):
             self._count(len(data))
 

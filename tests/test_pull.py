@@ -264,9 +264,11 @@ def test_push_then_pull_back_byte_identical(puller: Daemon, layered: dict[str, A
         for layer in manifest["layers"]:
             with back.open_blob(layer["digest"], layer["size"]) as got, original.open_blob(layer["digest"], layer["size"]) as want:
                 assert got.read() == want.read()
-    # and moord pulls its own push
+    # and moord pulls its own push; the blobs now name both repositories as their source
     again = puller.moorctl("images", "pull", "-q", dest)
     assert again.returncode == 0, again.stderr
+    source_key = f"containerd.io/distribution.source.{registry.host}"
+    assert content_labels(puller, first["digest"])[source_key] == "pushed/app,test/app"
 
 
 def test_wrong_digest_blob_commits_nothing(puller: Daemon, hostile: HostileRegistry, layered: dict[str, Any]) -> None:
