@@ -375,7 +375,7 @@ class ContentActor(ContentGcSupport, ServiceActor):
 
     def _refuse_existing(self, req: ContentWrite, ctx: CallContext) -> None:
         """AlreadyExists if the expected blob is here: owned, or on disk (then owned now)."""
-        check = self._meta("contentmeta.check", {"digest": req.expected}, ctx)
+        check = self._meta("contentmeta.check", {"digest": req.expected, "hold": True}, ctx)
         if not check.get("owned"):
             blob = os.path.join(self.root, blob_relpath(req.expected))
             try:

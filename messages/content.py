@@ -230,6 +230,8 @@ class OwnershipDelete(Message):
 
 @request("contentmeta.check", OwnershipReply)
 class OwnershipCheck(Message):
-    """Whether this namespace owns a blob (before reads and writes)."""
+    """Whether this namespace owns a blob (before reads and writes). `hold`: a writer found
+    it, and the request's lease (if any) now holds it, as containerd leases existing content."""
 
     digest: Digest
+    hold: bool = False

@@ -175,3 +175,19 @@ def test_moorctl_leases(quiet_daemon: Daemon) -> None:
     assert removed.returncode == 0 and removed.stdout.strip() == "cli-1"
     gone = quiet_daemon.moorctl("leases", "rm", "cli-1")
     assert gone.returncode == 1 and "not_found" in gone.stderr
+
+
+def test_a_writer_finding_the_blob_leases_it(quiet_daemon: Daemon) -> None:
+    """As containerd's: a write under a lease that finds its blob already stored answers
+    AlreadyExists, and the lease now holds the blob (the caller is about to use it)."""
+    client = quiet_daemon.client()
+    digest = write_blob(quiet_daemon, b"already here\n")
+    lease = client.call("leases.create", {"id": "finder"})["lease"]["id"]
+    with pytest.raises(AlreadyExists):
+        client.call("content.write", {"action": "stat", "ref": "finder-1", "total": 13, "expected": digest}, lease=lease)
+    held = client.call("leases.list_resources", {"id": lease})["resources"]
+    assert {"type": "content", "id": digest} in held
+    # a read under a lease holds nothing
+    reader = client.call("leases.create", {"id": "reader"})["lease"]["id"]
+    client.call_frames("content.read", {"digest": digest}, lease=reader)
+    assert client.call("leases.list_resources", {"id": reader})["resources"] == []

@@ -386,3 +386,53 @@ def test_pull_and_push_with_tls_and_basic_auth(work: str, busybox_layout: str) -
         finally:
             wrong.stop()
             cleanup_base(wrong.base)
+
+
+def test_platforms_choose_what_is_fetched(puller: Daemon, work: str, busybox_layout: str, registry: RunningRegistry) -> None:
+    """An index of linux/amd64 (busybox) and linux/arm64 (a stand-in layer): by default only
+    the host's manifest is fetched; --platform picks another; --all-platforms takes all."""
+    layout = os.path.join(work, "layout-multi")
+    amd = write_layout(layout, busybox_layout, [[("arch", "file", b"amd64\n")]])
+    blob, diff_id = layer_blob([("arch", "file", b"arm64\n")])
+    blobs = os.path.join(layout, "blobs", "sha256")
+    arm_layer = "sha256:" + hashlib.sha256(blob).hexdigest()
+    with open(os.path.join(blobs, arm_layer[7:]), "wb") as fh:
+        fh.write(blob)
+    config = json.dumps({"architecture": "arm64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": [diff_id]}}).encode()
+    config_digest = "sha256:" + hashlib.sha256(config).hexdigest()
+    with open(os.path.join(blobs, config_digest[7:]), "wb") as fh:
+        fh.write(config)
+    manifest = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": {"mediaType": OCI_CONFIG, "digest": config_digest, "size": len(config)},
+                           "layers": [{"mediaType": OCI_LAYER, "digest": arm_layer, "size": len(blob)}]}).encode()
+    arm_manifest = "sha256:" + hashlib.sha256(manifest).hexdigest()
+    with open(os.path.join(blobs, arm_manifest[7:]), "wb") as fh:
+        fh.write(manifest)
+    index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [
+        {**amd, "platform": {"os": "linux", "architecture": "amd64"}},
+        {"mediaType": OCI_MANIFEST, "digest": arm_manifest, "size": len(manifest), "platform": {"os": "linux", "architecture": "arm64", "variant": "v8"}},
+    ]}
+    index_bytes = json.dumps(index).encode()
+    index_digest = "sha256:" + hashlib.sha256(index_bytes).hexdigest()
+    with open(os.path.join(blobs, index_digest[7:]), "wb") as fh:
+        fh.write(index_bytes)
+    with open(os.path.join(layout, "index.json"), "w") as fh:
+        json.dump({"schemaVersion": 2, "manifests": [{"mediaType": OCI_INDEX, "digest": index_digest, "size": len(index_bytes),
+                                                      "annotations": {"org.opencontainers.image.ref.name": "multi"}}]}, fh)
+    dest = f"{registry.host}/test/multi:v1"
+    pushed = subprocess.run(["skopeo", "--insecure-policy", "copy", "--all", "--dest-tls-verify=false", f"oci:{layout}:multi", f"docker://{dest}"], capture_output=True, text=True, timeout=120)
+    assert pushed.returncode == 0, pushed.stderr
+
+    def stored(digest: str) -> bool:
+        return digest in puller.moorctl("content", "ls", "-q").stdout.split()
+
+    assert puller.moorctl("images", "pull", "-q", dest).returncode == 0
+    assert stored(amd["digest"]) and not stored(arm_layer)
+    run = puller.moorctl("run", "--rm", dest, "multi1", "cat", "/arch")
+    assert run.returncode == 0 and run.stdout.strip() == "amd64", run.stderr
+    chain = puller.moorctl("images", "pull", "--platform", "linux/arm64", "--print-chainid", dest)
+    assert chain.returncode == 0, chain.stderr
+    assert stored(arm_layer) and "linux/arm64" in chain.stdout
+    assert puller.moorctl("images", "rm", dest).returncode == 0
+    everything = puller.moorctl("images", "pull", "-q", "--all-platforms", f"{registry.host}/test/multi@{index_digest}")
+    assert everything.returncode == 0, everything.stderr
+    assert stored(arm_manifest) and stored(amd["digest"])

@@ -29,7 +29,7 @@ from moord.actors.metadata.common import StoreBase, ensure_namespace, now, witho
 from moord.actors.metadata.schema import content, lease_resources, leases, pack_map, unpack_map
 from moord.messages import filters
 from moord.messages.base import Empty
-from moord.messages.content import AddOwnership, OwnershipDelete
+from moord.messages.content import AddOwnership, OwnershipCheck, OwnershipDelete
 from moord.messages.errors import AlreadyExists, InvalidArgument, NotFound, Unimplemented
 from moord.messages.gc import ContentHeld, HeldDigests
 from moord.messages.leases import (
@@ -213,6 +213,15 @@ class LeasesService(StoreBase):
         if ctx.lease:
             self.hold(ctx.namespace, ctx.lease, RESOURCE_CONTENT, req.digest)
         return super().add_ownership(req, ctx)  # type: ignore[misc]
+
+    @handles("contentmeta.check")
+    def check_ownership(self, req: OwnershipCheck, ctx: CallContext) -> dict:
+        """Whether the namespace owns a blob; under a lease, an owned blob is now held by it,
+        as containerd leases content a writer finds already there (it is about to be used)."""
+        reply = super().check_ownership(req, ctx)  # type: ignore[misc]
+        if req.hold and ctx.lease and reply.get("owned"):
+            self.hold(ctx.namespace, ctx.lease, RESOURCE_CONTENT, req.digest)
+        return reply
 
     @handles("contentmeta.delete")
     def delete_ownership(self, req: OwnershipDelete, ctx: CallContext) -> dict:
