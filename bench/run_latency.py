@@ -5,7 +5,9 @@ Prints median and p90 over N runs of:
   moord       `moorctl run --rm` end to end (a fresh client process each time)
   daemon-side the same calls from a warm in-process client: prepare -> create -> task
               create/start -> exit reported -> delete (no interpreter start-up)
-  client      `moorctl tree` (interpreter + imports + one round trip)
+  client      `moorctl tree` (interpreter + imports + one round trip), `moorctl --help`
+              (start-up alone), and the CPU (user+sys) of the moorctl process of each
+              `run --rm` (what 4 parallel run loops on 2 cores are bound by)
   runc floor  `runc run` of an equivalent bundle
   containerd  `ctr run --rm` against a containerd this script starts (when installed)
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -46,8 +49,27 @@ def timed(runs: int, action: Callable[[int], None]) -> list[float]:
     return samples
 
 
+# The packages a `moorctl run` imports.
+CLIENT_PACKAGES = ("moord", "moord.client", "moord.bus", "moord.messages", "moord.config", "moord.oci")
+
+
+def ensure_client_bytecode() -> None:
+    """Write the .pyc files of moorctl's modules, as any installed package has them (pip
+    compiles at install). An editable checkout run with PYTHONDONTWRITEBYTECODE=1 (set in
+    some environments) would otherwise compile every module on each moorctl start: about
+    a third more CPU per `run --rm`, which is not what a user's moorctl costs."""
+    import compileall
+    import importlib.util
+
+    for package in CLIENT_PACKAGES:
+        spec = importlib.util.find_spec(package)
+        for directory in (spec.submodule_search_locations or []) if spec else []:
+            compileall.compile_dir(directory, maxlevels=0, quiet=2)
+
+
 def moorctl_argv() -> list[str]:
-    """The installed moorctl script beside this interpreter, else the module."""
+    """The installed moorctl script beside this interpreter, else the module (its bytecode written)."""
+    ensure_client_bytecode()
     script = os.path.join(os.path.dirname(sys.executable), "moorctl")
     return [script] if os.path.exists(script) else [sys.executable, "-m", "moord.client"]
 
@@ -73,10 +95,16 @@ def bench_moord(base: str, runs: int, layout: str) -> dict[str, list[float]]:
     ctl = [*moorctl_argv(), "-c", config]
     subprocess.run([*ctl, "images", "import", layout], check=True, capture_output=True)
 
+    client_cpu: list[float] = []
+
     def end_to_end(i: int) -> None:
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         result = subprocess.run([*ctl, "run", "--rm", IMAGE, f"lat{i + 1}", "/bin/true"], capture_output=True)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
         if result.returncode != 0:
             raise SystemExit(f"moorctl run failed: {result.stderr.decode()}")
+        if i >= 0:  # not the warm-up
+            client_cpu.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
 
     client = Client(os.path.join(base, "state", "ipc"))
 
@@ -90,10 +118,16 @@ def bench_moord(base: str, runs: int, layout: str) -> dict[str, list[float]]:
     def client_startup(i: int) -> None:
         subprocess.run([*ctl, "tree"], check=True, capture_output=True)
 
+    def client_help(i: int) -> None:
+        subprocess.run([*ctl, "--help"], check=True, capture_output=True)
+
+    end_to_end_samples = timed(runs, end_to_end)
     return {
-        "moord run --rm": timed(runs, end_to_end),
+        "moord run --rm": end_to_end_samples,
         "  daemon-side": timed(runs, daemon_side),
         "  client (moorctl tree)": timed(runs, client_startup),
+        "  client (moorctl --help)": timed(runs, client_help),
+        "  client CPU per run --rm": client_cpu,
     }
 
 

@@ -1,18 +1,19 @@
 """`moorctl`: the command-line client, over moord's ZeroMQ API.
 
-Start-up time is part of every `moorctl run`, so this module imports only click, and
-each command imports what it needs (ZeroMQ, msgpack) when it runs; pydantic is never
-imported on the client side (the daemon validates every request).
+Start-up CPU is most of what a `moorctl run --rm` costs (4 parallel run loops are
+client-bound), so this entry module imports neither click nor ZeroMQ. A well-formed
+`moorctl [global options] run [options] IMAGE ID [ARGS...]` is parsed here, from the same
+option tables the click command is built from (client/app.py), and runs without click;
+anything else (help, other commands, a malformed or unusual command line) goes to the
+click application, which then parses, reports errors and prints help as it always did.
+pydantic is never imported on the client side (the daemon validates every request).
 """
 
 from __future__ import annotations
 
 import os
 import sys
-import time
-from typing import Any
-
-import click
+from typing import Any, NamedTuple
 
 from moord.config.paths import CONFIG_ENV
 
@@ -44,6 +45,8 @@ class Context:
             try:
                 state, ipc_dir = client_paths(self.config)
             except (OSError, ValueError) as exc:
+                import click
+
                 raise click.ClickException(f"cannot read config: {exc}") from None
             if self.address:
                 ipc_dir = self.address
@@ -52,13 +55,10 @@ class Context:
         return self._client
 
 
-pass_ctx = click.make_pass_decorator(Context)
-
-
 def fail(exc: Exception) -> None:
     """Print a daemon error the way ctr does and exit 1."""
     code = getattr(exc, "code", "error")
-    click.echo(f"moorctl: {code}: {exc}", err=True)
+    print(f"moorctl: {code}: {exc}", file=sys.stderr, flush=True)
     sys.exit(1)
 
 
@@ -73,198 +73,98 @@ def call(ctx: Context, kind: str, payload: dict[str, Any] | None = None, **kw: A
         raise  # unreachable
 
 
-@click.group()
-@click.option("--config", "-c", default=None, help=f"moord config file (default /etc/moord/config.toml, or ${CONFIG_ENV})")
-@click.option("--address", "-a", default=None, envvar="MOORD_ADDRESS", help="directory of moord's ipc endpoints")
-@click.option("--namespace", "-n", default="default", envvar="CONTAINERD_NAMESPACE", show_default=True)
-@click.option("--timeout", default=10.0, show_default=True, help="seconds to wait for each reply")
-@click.pass_context
-def main(cctx: click.Context, config: str | None, address: str | None, namespace: str, timeout: float) -> None:
-    """moorctl: talk to moord."""
-    cctx.obj = Context(config, address, namespace, timeout)
+# -- option tables: the one definition of the root's and `run`'s options ------------------
+
+FLAG = "flag"  # is_flag
+TEXT = "text"  # a string
+MULTIPLE = "multiple"  # a repeatable string
+COUNT = "count"  # an int >= 0 (click.IntRange(min=0))
+AMOUNT = "amount"  # a float >= 0 (click.FloatRange(min=0))
+SECONDS = "seconds"  # any float
 
 
-# -- supervision tree ------------------------------------------------------------
+class OptionSpec(NamedTuple):
+    """One command-line option, as click.option takes it (app.py builds click options from these)."""
+
+    decls: tuple[str, ...]
+    dest: str
+    kind: str
+    default: Any = None
+    help: str | None = None
+    show_default: bool = False
+    envvar: str | None = None
 
 
-@main.command()
-@pass_ctx
-def tree(ctx: Context) -> None:
-    """Show the live supervision tree."""
-    from moord.client.table import human_duration, human_size, print_table
+ROOT_OPTIONS = (
+    OptionSpec(("--config", "-c"), "config", TEXT, None, f"moord config file (default /etc/moord/config.toml, or ${CONFIG_ENV})"),
+    OptionSpec(("--address", "-a"), "address", TEXT, None, "directory of moord's ipc endpoints", envvar="MOORD_ADDRESS"),
+    OptionSpec(("--namespace", "-n"), "namespace", TEXT, "default", None, True, "CONTAINERD_NAMESPACE"),
+    OptionSpec(("--timeout",), "timeout", SECONDS, 10.0, "seconds to wait for each reply", True),
+)
 
-    reply = call(ctx, "supervisor.tree")
-    click.echo(f"moord pid {reply['pid']} {reply['state']} up {human_duration(reply['uptime'])} strategy {reply['strategy']}")
-    rows = [
-        (c["name"], c["pid"] or "-", c["state"], c["restarts"], human_duration(c["uptime"]), c["restart"], human_size(c["rss"]))
-        for c in reply["children"]
-    ]
-    print_table(("CHILD", "PID", "STATE", "RESTARTS", "UPTIME", "RESTART", "RSS"), rows)
-
-
-# -- images ------------------------------------------------------------------------
-
-
-@main.group()
-def images() -> None:
-    """Manage images."""
-
-
-@images.command("ls")
-@click.option("--quiet", "-q", is_flag=True, help="print only the image refs")
-@click.argument("filters", nargs=-1)
-@pass_ctx
-def images_ls(ctx: Context, quiet: bool, filters: tuple[str, ...]) -> None:
-    """List images."""
-    from moord.client.table import human_size, print_table
-
-    reply = call(ctx, "images.list", {"filters": list(filters)})
-    if quiet:
-        for image in reply["images"]:
-            click.echo(image["name"])
-        return
-    rows = []
-    for image in reply["images"]:
-        target = image["target"]
-        labels = ",".join(f"{k}={v}" for k, v in sorted(image["labels"].items())) or "-"
-        kind = target["media_type"].rsplit(".", 2)[-2] if "." in target["media_type"] else target["media_type"]
-        rows.append((image["name"], target["media_type"], target["digest"], human_size(target["size"]), labels))
-        del kind
-    print_table(("REF", "TYPE", "DIGEST", "SIZE", "LABELS"), rows)
+RUN_OPTIONS = (
+    OptionSpec(("--rm",), "remove", FLAG, False, "remove the container after it exits (not with --detach)"),
+    OptionSpec(("--detach", "-d"), "detach", FLAG, False, "start the task and return"),
+    OptionSpec(("--tty", "-t"), "tty", FLAG, False, "allocate a terminal; the local one goes raw"),
+    OptionSpec(("--null-io",), "null_io", FLAG, False, "send all IO to /dev/null"),
+    OptionSpec(("--log-uri",), "log_uri", TEXT, "", "stdout and stderr to file:///path instead of this terminal"),
+    OptionSpec(("--fifo-dir",), "fifo_dir", TEXT, "", "directory for the stdio FIFOs (default <state>/fifo)"),
+    OptionSpec(("--env",), "env", MULTIPLE, (), "environment variable NAME=VALUE"),
+    OptionSpec(("--cwd",), "cwd", TEXT, "", "working directory"),
+    OptionSpec(("--user", "-u"), "user", TEXT, "", "user[:group] by id or by name (names from the image's /etc/passwd, /etc/group)"),
+    OptionSpec(("--hostname",), "hostname", TEXT, ""),
+    OptionSpec(("--read-only",), "read_only", FLAG, False, "read-only root filesystem"),
+    OptionSpec(("--mount",), "mounts", MULTIPLE, (), "type=bind,src=/host,dst=/path,options=rbind:ro"),
+    OptionSpec(("--memory-limit",), "memory_limit", COUNT, 0, "memory limit in bytes"),
+    OptionSpec(("--cpus",), "cpus", AMOUNT, 0.0, "CPUs (CFS quota)"),
+    OptionSpec(("--pids-limit",), "pids_limit", COUNT, 0, "maximum number of tasks"),
+    OptionSpec(("--privileged",), "privileged", FLAG, False, "all capabilities, host devices, no masked paths or seccomp"),
+    OptionSpec(("--net-host",), "net_host", FLAG, False, "use the host's network namespace, /etc/hosts and /etc/resolv.conf"),
+    OptionSpec(("--seccomp",), "seccomp", FLAG, False, "apply containerd's default seccomp profile (off unless given, as ctr)"),
+    OptionSpec(("--seccomp-profile",), "seccomp_profile", TEXT, "", "a seccomp profile (OCI JSON file) instead of the default; needs --seccomp"),
+    OptionSpec(("--runtime",), "runtime", TEXT, "io.containerd.runc.v2", "runtime name (io.containerd.crun.v2: crun)", True),
+    OptionSpec(("--runc-binary",), "runc_binary", TEXT, "", "OCI runtime binary for this container: runc or crun"),
+    OptionSpec(("--snapshotter",), "snapshotter", TEXT, "overlayfs", None, True),
+)
 
 
-@images.command("import")
-@click.option("--base-name", default="", help="name images lacking a name: <base-name>:<tag> (OCI), <base-name>@<digest> (docker)")
-@click.option("--no-unpack", is_flag=True, help="do not unpack into snapshots")
-@click.option("--snapshotter", default="overlayfs", show_default=True)
-@click.argument("path", type=click.Path(exists=True))
-@pass_ctx
-def images_import(ctx: Context, base_name: str, no_unpack: bool, snapshotter: str, path: str) -> None:
-    """Import an OCI image layout (directory or tar) or a docker-archive (`docker save` tar)."""
-    reply = call(
-        ctx,
-        "transfer.import",
-        {"path": os.path.abspath(path), "base_name": base_name, "unpack": not no_unpack, "snapshotter": snapshotter},
-        timeout=max(ctx.timeout, 600),
-    )
-    for image in reply["images"]:
-        click.echo(f"{image['name']} {image['target']['digest']}")
+# -- `run`: shared by the click command and the fast path -----------------------------------
 
 
-@images.command("rm")
-@click.option("--sync", is_flag=True, help="return once a garbage collection has removed what the images held")
-@click.argument("names", nargs=-1, required=True)
-@pass_ctx
-def images_rm(ctx: Context, sync: bool, names: tuple[str, ...]) -> None:
-    """Remove images (ctr images rm: the collection runs after the last one)."""
-    for i, name in enumerate(names):
-        last = i == len(names) - 1
-        call(ctx, "images.delete", {"name": name, "sync": sync and last}, timeout=max(ctx.timeout, 120) if sync and last else None)
-        click.echo(name)
-
-
-@images.command("build-busybox")
-@click.option("--ref", default="docker.io/library/busybox:latest", show_default=True)
-@click.option("--tar", "as_tar", is_flag=True, help="write a tar of the layout instead of a directory")
-@click.argument("path")
-def images_build_busybox(ref: str, as_tar: bool, path: str) -> None:
-    """Build a busybox OCI image layout from Debian's busybox-static."""
-    from moord.oci.busybox import build_busybox_layout
-
-    digest = build_busybox_layout(path, ref=ref, tar=as_tar)
-    click.echo(f"{ref} {digest}")
-
-
-# -- run and tasks -----------------------------------------------------------------
-
-
-@main.command(context_settings={"allow_interspersed_args": False})
-@click.option("--rm", "remove", is_flag=True, help="remove the container after it exits (not with --detach)")
-@click.option("--detach", "-d", is_flag=True, help="start the task and return")
-@click.option("--tty", "-t", is_flag=True, help="allocate a terminal; the local one goes raw")
-@click.option("--null-io", is_flag=True, help="send all IO to /dev/null")
-@click.option("--log-uri", default="", help="stdout and stderr to file:///path instead of this terminal")
-@click.option("--fifo-dir", default="", help="directory for the stdio FIFOs (default <state>/fifo)")
-@click.option("--env", multiple=True, help="environment variable NAME=VALUE")
-@click.option("--cwd", default="", help="working directory")
-@click.option("--user", "-u", default="", help="user[:group] by id or by name (names from the image's /etc/passwd, /etc/group)")
-@click.option("--hostname", default="")
-@click.option("--read-only", is_flag=True, help="read-only root filesystem")
-@click.option("--mount", "mounts", multiple=True, help="type=bind,src=/host,dst=/path,options=rbind:ro")
-@click.option("--memory-limit", type=click.IntRange(min=0), default=0, help="memory limit in bytes")
-@click.option("--cpus", type=click.FloatRange(min=0), default=0.0, help="CPUs (CFS quota)")
-@click.option("--pids-limit", type=click.IntRange(min=0), default=0, help="maximum number of tasks")
-@click.option("--privileged", is_flag=True, help="all capabilities, host devices, no masked paths or seccomp")
-@click.option("--net-host", is_flag=True, help="use the host's network namespace, /etc/hosts and /etc/resolv.conf")
-@click.option("--seccomp", is_flag=True, help="apply containerd's default seccomp profile (off unless given, as ctr)")
-@click.option("--seccomp-profile", default="", help="a seccomp profile (OCI JSON file) instead of the default; needs --seccomp")
-@click.option("--runtime", default="io.containerd.runc.v2", show_default=True, help="runtime name (io.containerd.crun.v2: crun)")
-@click.option("--runc-binary", default="", help="OCI runtime binary for this container: runc or crun")
-@click.option("--snapshotter", default="overlayfs", show_default=True)
-@click.argument("image")
-@click.argument("container_id")
-@click.argument("args", nargs=-1)
-@pass_ctx
-def run(
-    ctx: Context,
-    remove: bool,
-    detach: bool,
-    tty: bool,
-    null_io: bool,
-    log_uri: str,
-    fifo_dir: str,
-    env: tuple[str, ...],
-    cwd: str,
-    user: str,
-    hostname: str,
-    read_only: bool,
-    mounts: tuple[str, ...],
-    memory_limit: int,
-    cpus: float,
-    pids_limit: int,
-    privileged: bool,
-    net_host: bool,
-    seccomp: bool,
-    seccomp_profile: str,
-    runtime: str,
-    runc_binary: str,
-    snapshotter: str,
-    image: str,
-    container_id: str,
-    args: tuple[str, ...],
-) -> None:
-    """Run a container: IMAGE ID [-- CMD ARGS...]; the exit code is the container's."""
+def run_command(ctx: Context, params: dict[str, Any]) -> None:
+    """Run a container from `run`'s parsed options and arguments; exits with its status."""
     from moord.client.run import RunOptions, parse_mount
     from moord.client.run import run as run_container
     from moord.messages.errors import MoordError
 
+    args = params["args"]
     try:
         opts = RunOptions(
-            image=image,
-            container_id=container_id,
+            image=params["image"],
+            container_id=params["container_id"],
             args=list(args[1:] if args[:1] == ("--",) else args),
-            env=list(env),
-            remove=remove,
-            detach=detach,
-            tty=tty,
-            cwd=cwd,
-            user=user,
-            hostname=hostname,
-            read_only=read_only,
-            mounts=[parse_mount(m) for m in mounts],
-            memory_limit=memory_limit,
-            cpus=cpus,
-            pids_limit=pids_limit,
-            privileged=privileged,
-            net_host=net_host,
-            seccomp=seccomp,
-            seccomp_profile=load_seccomp_profile(seccomp_profile, seccomp),
-            snapshotter=snapshotter,
-            runtime=runtime,
-            runtime_binary=runc_binary,
-            null_io=null_io,
-            log_uri=log_uri,
-            fifo_root=fifo_dir or os.path.join(ctx.state_dir, "fifo"),
+            env=list(params["env"]),
+            remove=params["remove"],
+            detach=params["detach"],
+            tty=params["tty"],
+            cwd=params["cwd"],
+            user=params["user"],
+            hostname=params["hostname"],
+            read_only=params["read_only"],
+            mounts=[parse_mount(m) for m in params["mounts"]],
+            memory_limit=params["memory_limit"],
+            cpus=params["cpus"],
+            pids_limit=params["pids_limit"],
+            privileged=params["privileged"],
+            net_host=params["net_host"],
+            seccomp=params["seccomp"],
+            seccomp_profile=load_seccomp_profile(params["seccomp_profile"], params["seccomp"]),
+            snapshotter=params["snapshotter"],
+            runtime=params["runtime"],
+            runtime_binary=params["runc_binary"],
+            null_io=params["null_io"],
+            log_uri=params["log_uri"],
+            fifo_root=params["fifo_dir"] or os.path.join(ctx.state_dir, "fifo"),
         )
         status = run_container(ctx.client, opts)
     except MoordError as exc:
@@ -274,9 +174,14 @@ def run(
 
 
 def load_seccomp_profile(path: str, enabled: bool) -> dict[str, Any] | None:
-    """`--seccomp-profile PATH` as a dict (None: none given); as ctr, only with --seccomp."""
+    """`--seccomp-profile PATH` as a dict (None: none given); as ctr, only with --seccomp.
+
+    Reached with a profile only through click (the fast path leaves that option to it).
+    """
     if not path:
         return None
+    import click
+
     if not enabled:
         raise click.UsageError("--seccomp-profile needs --seccomp")
     import json
@@ -291,129 +196,106 @@ def load_seccomp_profile(path: str, enabled: bool) -> dict[str, Any] | None:
     return profile
 
 
-@main.group()
-def tasks() -> None:
-    """Manage tasks (running containers)."""
+def _option_value(spec: OptionSpec, text: str) -> Any:
+    """`text` converted as click would, or None where click might judge otherwise (it decides then)."""
+    if spec.kind == COUNT:
+        return int(text) if text.isascii() and text.isdigit() else None
+    if spec.kind in (AMOUNT, SECONDS):
+        digits = text.replace(".", "", 1)
+        if not (digits.isascii() and digits.isdigit()):
+            return None  # signs, exponents, inf, nan: click's conversion and range check apply
+        return float(text)
+    return text
 
 
-@tasks.command("ls")
-@pass_ctx
-def tasks_ls(ctx: Context) -> None:
-    """List tasks."""
-    from moord.client.table import print_table
-
-    reply = call(ctx, "tasks.list")
-    print_table(("TASK", "PID", "STATUS"), [(t["container_id"], t["pid"], t["status"].upper()) for t in reply["tasks"]])
-
-
-@tasks.command("kill")
-@click.option("--signal", "-s", "sig", default="SIGTERM", show_default=True, help="signal name or number")
-@click.option("--all", "-a", "all_", is_flag=True, help="signal all processes of the task")
-@click.option("--exec-id", default="", help="signal this exec'd process instead of the init")
-@click.argument("container_id")
-@pass_ctx
-def tasks_kill(ctx: Context, sig: str, all_: bool, exec_id: str, container_id: str) -> None:
-    """Signal a task."""
-    payload = {"container_id": container_id, "exec_id": exec_id, "signal": parse_signal(sig), "all": all_}
-    call(ctx, "tasks.kill", payload)
-
-
-@tasks.command("rm")
-@click.option("--exec-id", default="", help="delete this exec'd process instead of the task")
-@click.argument("container_id")
-@pass_ctx
-def tasks_rm(ctx: Context, exec_id: str, container_id: str) -> None:
-    """Delete a stopped task (and the stdio FIFOs moorctl made for it)."""
-    from moord.client.run import delete_task
-    from moord.messages.errors import MoordError
-
-    try:
-        reply = delete_task(ctx.client, container_id, os.path.join(ctx.state_dir, "fifo"), exec_id)
-    except MoordError as exc:
-        fail(exc)
-        return
-    click.echo(f"{exec_id or container_id} exit status {reply['exit_status']}")
-
-
-main.add_command(tasks_kill, "kill")
+def _parse_options(argv: list[str], specs: tuple[OptionSpec, ...], values: dict[str, Any]) -> int | None:
+    """Parse leading options of `argv` into `values`; the index of the first positional, or
+    None when the command line is anything but plain (click must see it)."""
+    by_name = {decl: spec for spec in specs for decl in spec.decls}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            return i + 1
+        if not arg.startswith("-") or arg == "-":
+            return i
+        name, eq, inline = arg.partition("=")
+        spec = by_name.get(name)
+        if spec is None or (eq and not name.startswith("--")):
+            return None  # --help, unknown options, -xVALUE and -abc clusters: click's to judge
+        if spec.kind == FLAG:
+            if eq:
+                return None
+            values[spec.dest] = True
+            i += 1
+            continue
+        if eq:
+            text = inline
+            i += 1
+        else:
+            if i + 1 >= len(argv) or argv[i + 1].startswith("-"):
+                return None
+            text = argv[i + 1]
+            i += 2
+        value = _option_value(spec, text)
+        if value is None:
+            return None
+        if spec.kind == MULTIPLE:
+            values[spec.dest] = (*values[spec.dest], value)
+        else:
+            values[spec.dest] = value
+    return i
 
 
-def parse_signal(text: str) -> int:
-    """`SIGKILL`, `KILL` or `9` -> 9."""
-    import signal as signals
-
-    if text.isdigit():
-        return int(text)
-    name = text.upper()
-    name = name if name.startswith("SIG") else "SIG" + name
-    try:
-        return int(getattr(signals.Signals, name))
-    except AttributeError:
-        raise click.BadParameter(f"unknown signal {text!r}") from None
-
-
-# -- containers, snapshots, content, namespaces, events ------------------------------
-
-
-@main.group()
-def containers() -> None:
-    """Manage containers."""
+def parse_fast_run(argv: list[str]) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """(root options, run parameters) of a plain `run` command line, else None."""
+    root: dict[str, Any] = {spec.dest: spec.default for spec in ROOT_OPTIONS}
+    for spec in ROOT_OPTIONS:
+        from_env = os.environ.get(spec.envvar) if spec.envvar else None
+        if from_env:  # click ignores an empty variable
+            root[spec.dest] = from_env
+    at = _parse_options(argv, ROOT_OPTIONS, root)
+    if at is None or argv[at:at + 1] != ["run"]:
+        return None
+    rest = argv[at + 1:]
+    params: dict[str, Any] = {spec.dest: spec.default for spec in RUN_OPTIONS}
+    at = _parse_options(rest, RUN_OPTIONS, params)
+    if at is None or len(rest) - at < 2 or params["seccomp_profile"]:
+        return None
+    params["image"], params["container_id"] = rest[at], rest[at + 1]
+    params["args"] = tuple(rest[at + 2:])
+    return root, params
 
 
-@containers.command("ls")
-@click.argument("filters", nargs=-1)
-@pass_ctx
-def containers_ls(ctx: Context, filters: tuple[str, ...]) -> None:
-    """List containers."""
-    from moord.client.table import print_table
-
-    reply = call(ctx, "containers.list", {"filters": list(filters)})
-    print_table(
-        ("CONTAINER", "IMAGE", "RUNTIME"),
-        [(c["id"], c["image"] or "-", c["runtime"]["name"]) for c in reply["containers"]],
-    )
-
-
-@containers.command("rm")
-@click.argument("ids", nargs=-1, required=True)
-@pass_ctx
-def containers_rm(ctx: Context, ids: tuple[str, ...]) -> None:
-    """Delete containers (and their snapshots)."""
-    for container_id in ids:
-        record = call(ctx, "containers.get", {"id": container_id})["container"]
-        call(ctx, "containers.delete", {"id": container_id})
-        if record.get("snapshot_key"):
-            from moord.messages.errors import NotFound
-
+def main() -> None:
+    """moorctl's entry point: a plain `run` without click, every other command through click."""
+    # click's shell completion runs off an environment variable (_MOORCTL_COMPLETE): click's.
+    completing = any(name.startswith("_") and name.endswith("_COMPLETE") for name in os.environ)
+    parsed = None if completing else parse_fast_run(sys.argv[1:])
+    if parsed is not None:
+        root, params = parsed
+        ctx = Context(root["config"], root["address"], root["namespace"], root["timeout"])
+        try:
+            ctx.client  # noqa: B018  (an unreadable config: click reports it, as always)
+        except Exception:  # noqa: BLE001
+            parsed = None
+        if parsed is not None:
             try:
-                ctx.client.call("snapshots.remove", {"snapshotter": record["snapshotter"], "key": record["snapshot_key"]})
-            except NotFound:
-                pass
+                run_command(ctx, params)
+            except (KeyboardInterrupt, EOFError):
+                # As click's standalone mode.
+                print("\nAborted!", file=sys.stderr, flush=True)
+                sys.exit(1)
+            return
+    from moord.client.app import main as app
+
+    app()
 
 
-@main.command()
-@click.argument("topics", nargs=-1)
-@pass_ctx
-def events(ctx: Context, topics: tuple[str, ...]) -> None:
-    """Print events as they happen (topics are prefixes, e.g. /tasks)."""
-    import json
+def __getattr__(name: str) -> Any:
+    """The click application's names (`pass_ctx`, groups) for code that imports them from here."""
+    if name.startswith("__"):
+        raise AttributeError(name)
+    from moord.client import app
 
-    from moord.bus.events import EventSubscriber
-
-    subscriber = EventSubscriber(ctx.client.ipc_dir, topics or ("",))
-    try:
-        while True:
-            event = subscriber.receive()
-            if event is None:
-                continue
-            stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(event.get("timestamp", 0)))
-            click.echo(f"{stamp} {event.get('topic')} {event.get('ns')} {json.dumps(event.get('event'), default=str)}")
-    except KeyboardInterrupt:
-        pass
-    finally:
-        subscriber.close()
-
-
-
-# Command groups kept in their own modules attach themselves to `main` on import.
-from moord.client import commands_gc, commands_images, commands_registry, commands_storage, commands_tasks  # noqa: E402,F401
+    return getattr(app, name)

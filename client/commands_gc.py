@@ -13,7 +13,7 @@ import time
 
 import click
 
-from moord.client.cli import Context, call, main, pass_ctx
+from moord.client.app import Context, call, main, pass_ctx
 
 LABEL_GC_EXPIRE = "containerd.io/gc.expire"
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")

@@ -11,7 +11,7 @@ import sys
 
 import click
 
-from moord.client.cli import Context, call, fail, images, pass_ctx
+from moord.client.app import Context, call, fail, images, pass_ctx
 
 # Exports and unpacks of large images take a while: wait this long for the reply.
 LONG_TIMEOUT = 3600.0

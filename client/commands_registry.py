@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from moord.client.cli import Context, fail, images, pass_ctx
+from moord.client.app import Context, fail, images, pass_ctx
 
 PROGRESS_TOPIC = "/images/progress"  # moord.messages.distribution.PROGRESS_TOPIC (no pydantic here)
 TRANSFER_TIMEOUT = 6 * 3600.0

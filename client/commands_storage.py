@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 
 import click
 
-from moord.client.cli import Context, call, fail, main, pass_ctx
+from moord.client.app import Context, call, fail, main, pass_ctx
 
 DEFAULT_SNAPSHOTTER = "overlayfs"
 # The namespace label naming its default snapshotter (containerd's client reads it too).

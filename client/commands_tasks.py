@@ -1,6 +1,6 @@
 """moorctl tasks ps/pause/resume/metrics/exec/checkpoint/restore (ctr's task subcommands).
 
-Attached to the `tasks` group of client/cli.py on import; imports only click up front.
+Attached to the `tasks` group of client/app.py on import; imports only click up front.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from moord.client.cli import Context, call, fail, pass_ctx, tasks
+from moord.client.app import Context, call, fail, pass_ctx, tasks
 
 
 @tasks.command("ps")

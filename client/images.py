@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from moord.bus.client import Client
 from moord.messages.errors import FailedPrecondition, NotFound
 from moord.oci import image as oci
 
 
-@dataclass
-class ResolvedImage:
+class ResolvedImage(NamedTuple):
     """What running a container needs from an image."""
 
     name: str

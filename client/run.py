@@ -11,8 +11,7 @@ Snapshots.Remove -> Containers.Delete.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, NamedTuple, Sequence, TypeVar
 
 from moord.bus.client import Client
 from moord.client.images import resolve
@@ -24,14 +23,13 @@ T = TypeVar("T")
 DEFAULT_RUNTIME = "io.containerd.runc.v2"
 
 
-@dataclass
-class RunOptions:
-    """What the user asked `moorctl run` for."""
+class RunOptions(NamedTuple):
+    """What the user asked `moorctl run` for (a NamedTuple: dataclasses costs start-up)."""
 
     image: str
     container_id: str
-    args: list[str]
-    env: list[str] = field(default_factory=list)
+    args: Sequence[str]
+    env: Sequence[str] = ()
     remove: bool = True
     detach: bool = False
     tty: bool = False
@@ -39,7 +37,7 @@ class RunOptions:
     user: str = ""
     hostname: str = ""
     read_only: bool = False
-    mounts: list[dict[str, Any]] = field(default_factory=list)
+    mounts: Sequence[dict[str, Any]] = ()
     memory_limit: int = 0
     cpus: float = 0.0
     pids_limit: int = 0
@@ -55,17 +53,17 @@ class RunOptions:
     fifo_root: str = "/run/moord/fifo"
 
 
-@dataclass
 class TaskIO:
     """How a task's stdio is wired: FIFOs to this terminal, a log URI, or nothing."""
 
-    tty: bool = False
-    detach: bool = False
-    null_io: bool = False
-    log_uri: str = ""
-    fifo_root: str = "/run/moord/fifo"
-
-    def __post_init__(self) -> None:
+    def __init__(
+        self, tty: bool = False, detach: bool = False, null_io: bool = False, log_uri: str = "", fifo_root: str = "/run/moord/fifo"
+    ) -> None:
+        self.tty = tty
+        self.detach = detach
+        self.null_io = null_io
+        self.log_uri = log_uri
+        self.fifo_root = fifo_root
         if self.tty and (self.null_io or self.log_uri):
             raise InvalidArgument("a terminal cannot be used with null IO or a log URI")
         if self.null_io and self.log_uri:
@@ -136,8 +134,8 @@ def build_spec(opts: RunOptions, namespace: str, image_config: dict[str, Any], r
         namespace,
         opts.container_id,
         image_config,
-        args=opts.args,
-        env=opts.env,
+        args=list(opts.args),
+        env=list(opts.env),
         cwd=opts.cwd,
         user=opts.user,
         rootfs=rootfs,
@@ -147,7 +145,7 @@ def build_spec(opts: RunOptions, namespace: str, image_config: dict[str, Any], r
         memory_limit=opts.memory_limit,
         cpus=opts.cpus,
         pids_limit=opts.pids_limit,
-        mounts=opts.mounts,
+        mounts=list(opts.mounts),
         privileged=opts.privileged,
         net_host=opts.net_host,
         seccomp=opts.seccomp,

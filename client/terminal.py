@@ -8,22 +8,20 @@ raw mode (restored on every way out) and its window size is sent to the task at 
 and on every SIGWINCH. Stdin EOF closes the task's stdin (CloseIO), signals are passed
 to the task, and the task's exit status comes back from a Wait made before Start.
 
-Standard library only (moorctl's start-up time is measured).
+Standard library only, and only what zmq loads anyway (moorctl's start-up time is measured):
+no dataclasses (it imports inspect), shutil or secrets.
 """
 
 from __future__ import annotations
 
 import errno
 import os
-import secrets
 import select
-import shutil
 import signal
 import stat
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 # Waiting for a process has no natural deadline; this bounds a lost reply.
@@ -37,17 +35,20 @@ DRAIN_QUIET_SECONDS = 0.2
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 
 
-@dataclass
 class FifoSet:
     """A process's stdio FIFO paths ("" = none) and the client's open ends of them."""
 
-    stdin: str = ""
-    stdout: str = ""
-    stderr: str = ""
-    directory: str = ""  # ours to remove, when we made it
-    stdin_fd: int = -1
-    stdout_fd: int = -1
-    stderr_fd: int = -1
+    def __init__(self, stdin: str = "", stdout: str = "", stderr: str = "", directory: str = "") -> None:
+        self.stdin = stdin
+        self.stdout = stdout
+        self.stderr = stderr
+        self.directory = directory  # ours to remove, when we made it
+        self.stdin_fd = -1
+        self.stdout_fd = -1
+        self.stderr_fd = -1
+
+    def __repr__(self) -> str:
+        return f"FifoSet(stdin={self.stdin!r}, stdout={self.stdout!r}, stderr={self.stderr!r}, directory={self.directory!r})"
 
     @classmethod
     def create(cls, root: str, name: str, stdin: bool = True, stderr: bool = True) -> "FifoSet":
@@ -57,7 +58,7 @@ class FifoSet:
         opens its side), the stdin end read-write so that opening never needs a reader.
         """
         os.makedirs(root, mode=0o700, exist_ok=True)
-        directory = os.path.join(root, secrets.token_hex(8))
+        directory = os.path.join(root, os.urandom(8).hex())
         os.mkdir(directory, 0o700)
         fifos = cls(directory=directory)
         try:
@@ -124,7 +125,7 @@ class FifoSet:
                 os.close(fd)
                 setattr(self, name, -1)
         if remove and self.directory:
-            shutil.rmtree(self.directory, ignore_errors=True)
+            remove_tree(self.directory)
 
 
 def _mkfifo(directory: str, name: str) -> str:
@@ -142,7 +143,30 @@ def remove_fifo_dir(fifo_root: str, paths: list[str]) -> None:
         directory = os.path.dirname(os.path.abspath(path))
         # Only a direct child of our fifo root: never anything a user named elsewhere.
         if os.path.dirname(directory) == root and os.path.isdir(directory):
-            shutil.rmtree(directory, ignore_errors=True)
+            remove_tree(directory)
+
+
+def remove_tree(directory: str) -> None:
+    """Remove a FIFO dir, errors ignored, never following a symlink (as shutil.rmtree):
+    its FIFOs directly, anything else through shutil (importing shutil costs start-up)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        with os.scandir(fd) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    import shutil
+
+                    shutil.rmtree(os.path.join(directory, entry.name), ignore_errors=True)
+                else:
+                    os.unlink(entry.name, dir_fd=fd)
+        os.rmdir(directory)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 # -- the local terminal -----------------------------------------------------------------
@@ -201,30 +225,43 @@ def stdin_readable() -> bool:
 # -- the session -------------------------------------------------------------------------
 
 
-@dataclass
 class Session:
     """One process's interactive life on the client: wait, start, relay, exit status.
 
     `client` is moord's Client (thread-safe: the waiter has its own socket).
+    `close_io_on_eof`: run/start/exec: stdin EOF closes the task's stdin (ctr's stdinCloser).
+    `detach_signals`: attach -t: a signal to moorctl detaches instead of reaching the task.
     """
 
-    client: Any
-    container_id: str
-    fifos: FifoSet
-    exec_id: str = ""
-    tty: bool = False
-    forward_stdin: bool = True
-    close_io_on_eof: bool = True  # run/start/exec: stdin EOF closes the task's stdin (ctr's stdinCloser)
-    forward_signals: bool = True
-    detach_signals: bool = False  # attach -t: a signal to moorctl detaches instead of reaching the task
-    exit_status: int | None = None
-    detached_by: int = 0
-    _wake_r: int = -1
-    _wake_w: int = -1
-    _pending: list[int] = field(default_factory=list)
-    _resize: bool = False
-    _wait_error: BaseException | None = None
-    _waiter: threading.Thread | None = None
+    def __init__(
+        self,
+        client: Any,
+        container_id: str,
+        fifos: FifoSet,
+        exec_id: str = "",
+        tty: bool = False,
+        forward_stdin: bool = True,
+        close_io_on_eof: bool = True,
+        forward_signals: bool = True,
+        detach_signals: bool = False,
+    ) -> None:
+        self.client = client
+        self.container_id = container_id
+        self.fifos = fifos
+        self.exec_id = exec_id
+        self.tty = tty
+        self.forward_stdin = forward_stdin
+        self.close_io_on_eof = close_io_on_eof
+        self.forward_signals = forward_signals
+        self.detach_signals = detach_signals
+        self.exit_status: int | None = None
+        self.detached_by = 0
+        self._wake_r = -1
+        self._wake_w = -1
+        self._pending: list[int] = []
+        self._resize = False
+        self._wait_error: BaseException | None = None
+        self._waiter: threading.Thread | None = None
 
     @property
     def _ids(self) -> dict[str, str]:

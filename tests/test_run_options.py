@@ -167,3 +167,85 @@ def test_snapshot_mounts_made_read_only() -> None:
         {"type": "bind", "source": "/s/1/fs", "options": ["rbind", "ro"]},
     ]
     assert overlay["options"][1] == "workdir=/s/2/work"  # the caller's list is left alone
+
+
+# -- moorctl's click-free `run` parser (client/cli.py) agrees with click (client/app.py) -----
+
+FAST_RUN_LINES = [
+    ["run", IMAGE, "c1"],
+    ["run", "--rm", IMAGE, "c1", "true"],
+    ["-c", "/x.toml", "--namespace", "ns1", "--timeout", "2.5", "run", "--rm", "-t", IMAGE, "c1", "sh", "-c", "exit 3"],
+    ["--config=/x.toml", "-n", "ns2", "run", "-d", "--env", "A=1", "--env=B=2", "--mount", "type=bind,src=/a,dst=/b", IMAGE, "c1"],
+    ["run", "--memory-limit", "1048576", "--cpus", "0.5", "--pids-limit=7", "--user", "1:2", "--cwd", "/tmp", IMAGE, "c1", "--", "ls", "-l"],
+    ["run", "--", IMAGE, "c1", "--rm", "--help"],
+    ["run", "--null-io", "--log-uri", "file:///tmp/l", "--fifo-dir", "/tmp/f", "--hostname", "h", "--read-only", IMAGE, "c1"],
+    ["run", "--privileged", "--net-host", "--seccomp", "--runtime", "io.containerd.crun.v2", "--runc-binary", "crun", "--snapshotter", "native", IMAGE, "c1"],
+    ["-a", "/ipc", "run", "--cwd", "/a", "--cwd", "/b", IMAGE, "c1", "x"],
+]
+# Lines the fast parser leaves to click (help, errors, rare spellings), never misreads.
+CLICK_RUN_LINES = [
+    ["run", "--help"],
+    ["--help", "run", IMAGE, "c1"],
+    ["run", IMAGE],
+    ["run", "--bogus", IMAGE, "c1"],
+    ["run", "-dt", IMAGE, "c1"],
+    ["run", "--memory-limit", "-1", IMAGE, "c1"],
+    ["run", "--cpus", "1e3", IMAGE, "c1"],
+    ["run", "--rm=yes", IMAGE, "c1"],
+    ["run", "--seccomp", "--seccomp-profile", "/p.json", IMAGE, "c1"],
+    ["--timeout", "x", "run", IMAGE, "c1"],
+    ["tasks", "ls"],
+    ["run", "--cwd"],
+]
+
+
+def _click_parse(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> tuple[dict[str, object], dict[str, object]]:
+    from moord.client import app
+
+    seen: dict[str, object] = {}
+
+    def capture(ctx: object, params: dict[str, object]) -> None:
+        seen.update(ctx=ctx, params=params)
+
+    monkeypatch.setattr(app, "run_command", capture)
+    app.main.main(argv, prog_name="moorctl", standalone_mode=False)
+    ctx = seen["ctx"]
+    root = {name: getattr(ctx, name) for name in ("config", "address", "namespace", "timeout")}
+    return root, dict(seen["params"])  # type: ignore[call-overload]
+
+
+@pytest.mark.parametrize("argv", FAST_RUN_LINES, ids=lambda argv: " ".join(argv))
+def test_fast_run_parser_agrees_with_click(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from moord.client.cli import parse_fast_run
+
+    monkeypatch.delenv("MOORD_ADDRESS", raising=False)
+    monkeypatch.setenv("CONTAINERD_NAMESPACE", "from-env")
+    fast = parse_fast_run(argv)
+    assert fast is not None
+    assert fast == _click_parse(argv, monkeypatch)
+
+
+@pytest.mark.parametrize("argv", CLICK_RUN_LINES, ids=lambda argv: " ".join(argv))
+def test_fast_run_parser_leaves_the_rest_to_click(argv: list[str]) -> None:
+    from moord.client.cli import parse_fast_run
+
+    assert parse_fast_run(argv) is None
+
+
+def test_plain_run_imports_neither_click_nor_dataclasses() -> None:
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys\n"
+        "sys.argv = ['moorctl', '--address', '/nonexistent-moord', 'run', '--rm', 'img', 'c1', 'true']\n"
+        "from moord.client.cli import main\n"
+        "try:\n"
+        "    main()\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print(sorted(m for m in ('click', 'dataclasses', 'pydantic') if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip() == "[]", result.stdout + result.stderr
+    assert "unavailable" in result.stderr
