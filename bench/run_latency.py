@@ -50,18 +50,23 @@ def timed(runs: int, action: Callable[[int], None]) -> list[float]:
 
 
 # The packages a `moorctl run` imports.
-CLIENT_PACKAGES = ("moord", "moord.client", "moord.bus", "moord.messages", "moord.config", "moord.oci")
+MOORD_PACKAGES = (
+    "moord", "moord.client", "moord.bus", "moord.messages", "moord.config", "moord.oci", "moord.linux",
+    "moord.actors", "moord.actors.metadata", "moord.actors.snapshotter", "moord.actors.registry",
+    "moord.supervisor", "moord.shims",
+)
 
 
-def ensure_client_bytecode() -> None:
-    """Write the .pyc files of moorctl's modules, as any installed package has them (pip
-    compiles at install). An editable checkout run with PYTHONDONTWRITEBYTECODE=1 (set in
-    some environments) would otherwise compile every module on each moorctl start: about
-    a third more CPU per `run --rm`, which is not what a user's moorctl costs."""
+def ensure_bytecode() -> None:
+    """Write the .pyc files of moord's modules (moorctl's, the daemon's, the shims'), as any
+    installed package has them (pip compiles at install). An editable checkout run with
+    PYTHONDONTWRITEBYTECODE=1 (set in some environments) would otherwise compile every
+    module on each start: about a third more CPU per `run --rm`, slower daemon and shim
+    starts, none of which a user's installation pays."""
     import compileall
     import importlib.util
 
-    for package in CLIENT_PACKAGES:
+    for package in MOORD_PACKAGES:
         spec = importlib.util.find_spec(package)
         for directory in (spec.submodule_search_locations or []) if spec else []:
             compileall.compile_dir(directory, maxlevels=0, quiet=2)
@@ -69,7 +74,7 @@ def ensure_client_bytecode() -> None:
 
 def moorctl_argv() -> list[str]:
     """The installed moorctl script beside this interpreter, else the module (its bytecode written)."""
-    ensure_client_bytecode()
+    ensure_bytecode()
     script = os.path.join(os.path.dirname(sys.executable), "moorctl")
     return [script] if os.path.exists(script) else [sys.executable, "-m", "moord.client"]
 
