@@ -1,7 +1,8 @@
 """The runtime subsystem: tasks.* served by one actor that drives one moord-shim per task.
 
-The actor writes the bundle, has its zygote fork a detached shim, and calls the shim for
-create/start/kill/delete (each a short runc run). It never waits for a container exit on
+The actor writes the bundle and has its zygote fork a detached shim that creates the
+task at once (runc create, binding its endpoint meanwhile) and reports the outcome with
+its pid; it then calls the shim for start/kill/delete (each a short runc run). It never waits for a container exit on
 its own thread: a monitor thread holds a DEALER socket to every shim with one pending
 shim.wait, plus the shim's pidfd. A wait reply becomes an exit notice; a pidfd that
 fires without one means the shim died, and the task is reported stopped with status 255
@@ -568,28 +569,38 @@ class RuntimeActor(ServiceActor):
             ipc_dir=self.config.ipc_dir,
             debug=self.config.plugins.runtime.shim_debug,
         )
-        task: Task | None = None
+        task = Task(ns, cid, bundle, shim_config.socket_path, 0, runtime=binary)
+        task.cgroups_path = str(spec.get("linux", {}).get("cgroupsPath", ""))
+        shim_request = ShimCreate(
+            rootfs=request.rootfs,
+            stdin=request.stdin,
+            stdout=request.stdout,
+            stderr=request.stderr,
+            terminal=request.terminal,
+            checkpoint=request.checkpoint,
+        )
         try:
-            spawned = self.zygote.spawn(shim_config)
-            log.debug("shim %s/%s ready in %.1f ms", ns, cid, spawned.ready_ms)
-            task = Task(ns, cid, bundle, shim_config.socket_path, spawned.pid, runtime=binary)
-            task.cgroups_path = str(spec.get("linux", {}).get("cgroupsPath", ""))
-            shim_request = ShimCreate(
-                rootfs=request.rootfs,
-                stdin=request.stdin,
-                stdout=request.stdout,
-                stderr=request.stderr,
-                terminal=request.terminal,
-                checkpoint=request.checkpoint,
-            )
-            reply = self._shim_call(task, "shim.create", shim_request.model_dump())
+            # The shim runs shim.create as soon as it has its config (binding while runc
+            # works) and reports the outcome with its pid: no separate round trip.
+            spawned = self.zygote.spawn(shim_config, create=shim_request.model_dump())
+            log.debug("shim %s/%s created its task in %.1f ms", ns, cid, spawned.ready_ms)
+            task.shim_pid = spawned.pid
+            if spawned.create_error is not None:
+                raise error_from_wire(spawned.create_error)
+            if spawned.created is None:
+                raise Internal(f"the shim of task {cid} reported no create")
+            reply = spawned.created
         except BaseException:
-            if task is not None:
+            if task.shim_pid:
                 self._dispose_shim(task)
+            else:  # the shim died during its create: what it may have left behind
+                self._cleanup_runtime(task)
             self._remove_bundle(bundle)
             raise
         task.pid = int(reply["pid"])
         task.stdin, task.stdout, task.stderr, task.terminal = request.stdin, request.stdout, request.stderr, request.terminal
+        # Connect now: ZeroMQ's handshake then runs while the reply travels, not in tasks.start.
+        task.connection = ShimConnection(task.address, task.namespace)
         self.tasks[task.key] = task
         assert self.monitor is not None
         self.monitor.watch(task.key, task.address, task.shim_pid)

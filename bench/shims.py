@@ -94,13 +94,13 @@ def shim_pids(state: str) -> dict[str, int]:
     return found
 
 
-def zygote_pid(moord_pid: int) -> int:
-    """The shim zygote among moord's descendants (0 if there is none)."""
+def zygote_pid(moord_pid: int, title: str = "moord-shim: zygote") -> int:
+    """The shim zygote (or its forker, by title) among moord's descendants (0 if none)."""
     import psutil
 
     for proc in psutil.Process(moord_pid).children(recursive=True):
         try:
-            if "zygote" in " ".join(proc.cmdline()):
+            if " ".join(proc.cmdline()).strip() == title:
                 return proc.pid
         except psutil.Error:
             continue
@@ -344,6 +344,8 @@ def bench_moord(base: str, args: argparse.Namespace, layout: str) -> dict[str, A
         out["memory_total_pss"] = sum(memory_kib(shims[cid])["PSS"] for cid in ids) / 1024
         zygote = zygote_pid(moord.pid)
         out["zygote"] = median_mib([memory_kib(zygote)]) if zygote else None
+        forker = zygote_pid(moord.pid, "moord-shim: zygote forker")
+        out["forker"] = median_mib([memory_kib(forker)]) if forker else None
         if args.runs:
             out["latency"] = start_latency(base, args.runs)
         if args.seconds:
@@ -401,6 +403,9 @@ def report(m: dict[str, Any], c: dict[str, Any] | None, args: argparse.Namespace
     if m.get("zygote"):
         z = m["zygote"]
         print(f"{'zygote (once per node) PSS/USS/RSS, MiB':44} {z['PSS']:.1f}/{z['USS']:.1f}/{z['RSS']:.1f}")
+    if m.get("forker"):
+        f = m["forker"]
+        print(f"{'zygote forker (once per node) PSS/USS/RSS':44} {f['PSS']:.1f}/{f['USS']:.1f}/{f['RSS']:.1f}")
     if "latency" in m:
         lat = m["latency"]
         floor = ms(lat["runc create+start"])

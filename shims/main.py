@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         ipc_dir=args.ipc_dir or f"{args.state}/ipc",
         debug=args.debug,
     )
-    pid, ready_ms = spawn_detached(config)
+    pid, ready_ms, _ = spawn_detached(config)
     print(json.dumps({"pid": pid, "ready_ms": round(ready_ms, 2)}))
     return 0
 

@@ -567,6 +567,7 @@ class Shim:
         self.restore_from = ""  # a CRIU image shim.start restores the init from (shim.create's checkpoint)
         self._oom: Any = None
         self._trim_pending = False
+        self._oom_pending = False
         self._context: zmq.Context | None = None
         self._router: zmq.Socket | None = None
         self._wake_r = -1
@@ -601,8 +602,8 @@ class Shim:
 
     # -- setup ----------------------------------------------------------------------
 
-    def bind(self) -> None:
-        """Become the container's subreaper, bind the endpoint, and write address and pid files."""
+    def prepare(self) -> None:
+        """Become the container's subreaper and catch SIGCHLD (before any runc runs)."""
         prctl(PR_SET_CHILD_SUBREAPER, 1)
         if runtime_name(self.config.runtime) == "crun" and hybrid_cgroups():
             hide_cgroup_v2()  # before any thread exists: unshare(CLONE_NEWNS) needs that
@@ -614,8 +615,17 @@ class Shim:
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
         self._wake_r = wake_r
+        # The sockets dir holds runc's console sockets too, which runc create may need first.
+        os.makedirs(os.path.dirname(self.config.socket_path), mode=0o700, exist_ok=True)
+
+    @property
+    def bound(self) -> bool:
+        """Whether the endpoint is bound."""
+        return self._router is not None
+
+    def bind(self) -> None:
+        """Bind the endpoint, connect the event publisher, write the address and pid files."""
         path = self.config.socket_path
-        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         if os.path.exists(path):
             os.unlink(path)  # a stale socket of a dead shim of the same task
         self._context = zmq.Context(io_threads=1)
@@ -800,6 +810,7 @@ class Shim:
                         continue
                 result = self._handlers[request.kind](request)
                 self._send(identity, request_id, result)
+                self.after_reply()
             except MoordError as exc:
                 self._send(identity, request_id or wire.request_id_of(exc), exc.to_wire(), True)
             except Exception as exc:  # one bad request must not kill the shim
@@ -836,7 +847,11 @@ class Shim:
     # -- runc -----------------------------------------------------------------------
 
     def _runc(
-        self, *args: str, stdio: tuple[int, int, int] | None = None, input_data: bytes | None = None
+        self,
+        *args: str,
+        stdio: tuple[int, int, int] | None = None,
+        input_data: bytes | None = None,
+        during: Callable[[], None] | None = None,
     ) -> subprocess.CompletedProcess[bytes]:
         cmd = [self.config.runtime, "--root", self.config.runtime_root]
         if os.path.isdir(self.bundle):
@@ -852,7 +867,20 @@ class Shim:
                 timeout=RUNC_TIMEOUT,
             )
         # runc's own messages go to its json log; the process's stdio are ours to give.
-        return subprocess.run(cmd, stdin=stdio[0], stdout=stdio[1], stderr=stdio[2], timeout=RUNC_TIMEOUT)
+        if during is None:
+            return subprocess.run(cmd, stdin=stdio[0], stdout=stdio[1], stderr=stdio[2], timeout=RUNC_TIMEOUT)
+        # `during` (the shim's bind) runs while runc works; runc is waited for even when it fails.
+        with subprocess.Popen(cmd, stdin=stdio[0], stdout=stdio[1], stderr=stdio[2]) as child:
+            try:
+                during()
+            finally:
+                try:
+                    returncode = child.wait(RUNC_TIMEOUT)
+                except subprocess.TimeoutExpired:
+                    child.kill()
+                    child.wait()
+                    raise
+        return subprocess.CompletedProcess(cmd, returncode)
 
     def _runc_failed(self, what: str, result: subprocess.CompletedProcess[bytes]) -> str:
         fallback = (result.stderr or b"").decode(errors="replace") if result.stderr else f"exit {result.returncode}"
@@ -896,8 +924,11 @@ class Shim:
         os.set_inheritable(fds[0], False)
         return fds[0]
 
-    def _run_with_stdio(self, proc: _Proc, args: list[str], name: str) -> None:
-        """runc create/exec with the process's stdio wired; sets proc.io and proc.console."""
+    def _run_with_stdio(
+        self, proc: _Proc, args: list[str], name: str, during: Callable[[], None] | None = None
+    ) -> None:
+        """runc create/exec with the process's stdio wired; sets proc.io and proc.console.
+        `during` runs while runc does (once its stdio are set up)."""
         stdin, stdout, stderr = proc.stdio
         _validate_stdio(stdin, stdout, stderr)
         listener: socket.socket | None = None
@@ -913,7 +944,7 @@ class Shim:
             else:
                 io = _Stdio.plain(stdin, stdout, stderr)
                 stdio = io.child_fds()
-            result = self._runc(*args, stdio=stdio)
+            result = self._runc(*args, stdio=stdio, during=during)
             if io is not None:
                 io.release_child_fds()
             if result.returncode != 0:
@@ -949,8 +980,9 @@ class Shim:
             raise NotFound(f"process {exec_id} does not exist in task {self.config.container_id}")
         return proc
 
-    def create(self, request: Request) -> Reply:
-        """Mount the rootfs, wire stdio and `runc create` the container."""
+    def create(self, request: Request, during: Callable[[], None] | None = None) -> Reply:
+        """Mount the rootfs, wire stdio and `runc create` the container; `during` (a first
+        create's bind) runs while runc does, or before the reply when runc does not run."""
         if self.init.status != "unknown":
             raise AlreadyExists(f"task {self.config.container_id} is already created")
         if request.rootfs:
@@ -969,11 +1001,13 @@ class Shim:
                 raise InvalidArgument(f"checkpoint {request.checkpoint!r} is not an absolute directory")
             self.restore_from = request.checkpoint
             proc.status = "created"
+            if during is not None:
+                during()
             return {"pid": 0}
         try:
             pid_file = os.path.join(self.bundle, INIT_PID_FILE)
             args = ["create", "--bundle", self.bundle, "--pid-file", pid_file, self.config.container_id]
-            self._run_with_stdio(proc, args, "init")
+            self._run_with_stdio(proc, args, "init", during)
             proc.pid = int((read_small(pid_file) or "0").strip() or 0)
             if proc.pid <= 0:
                 raise Internal("runc create wrote no init pid")
@@ -982,8 +1016,16 @@ class Shim:
             self._teardown(force=True)
             raise
         proc.status = "created"
-        self._watch_oom()
+        # After the reply (reading the spec again costs a millisecond): the init cannot
+        # run, let alone be OOM-killed, before shim.start, which comes after.
+        self._oom_pending = True
         return {"pid": proc.pid}
+
+    def after_reply(self) -> None:
+        """Work a reply need not wait for: the OOM watch of a just-created task."""
+        if self._oom_pending:
+            self._oom_pending = False
+            self._watch_oom()
 
     def _watch_oom(self) -> None:
         from moord.shims import cgroups
@@ -1311,8 +1353,14 @@ def configure_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def run_shim(config: ShimConfig, ready_fd: int) -> None:
-    """Become the shim (in an already detached process): bind, report ready on `ready_fd`, serve."""
+def run_shim(config: ShimConfig, ready_fd: int, create: dict[str, Any] | None = None) -> None:
+    """Become the shim (in an already detached process): bind, report ready on `ready_fd`, serve.
+
+    With `create` (a shim.create payload) the shim creates its task first, binding while
+    runc runs, and the ready report carries the create's reply or error: the runtime
+    saves a round trip and the bind's cost. Report: "<pid>\n<json>" where the json is
+    {} or {"create": reply} or {"error": wire error}; "!<message>" when the shim failed.
+    """
     try:
         from setproctitle import setproctitle
 
@@ -1322,11 +1370,23 @@ def run_shim(config: ShimConfig, ready_fd: int) -> None:
 
         setproctitle(config.title)
         shim = Shim(config)
-        shim.bind()
+        shim.prepare()
+        report: dict[str, Any] = {}
+        if create is not None:
+            try:
+                report["create"] = shim.create(wire.decode_payload("shim.create", create), during=shim.bind)
+            except MoordError as exc:
+                report = {"error": exc.to_wire()}
+            except Exception as exc:  # as the loop answers a request that failed unexpectedly
+                log.exception("create failed")
+                report = {"error": Internal(f"{type(exc).__name__}: {exc}").to_wire()}
+        if not shim.bound:  # no create, or it failed before runc ran
+            shim.bind()
     except BaseException as exc:
         os.write(ready_fd, f"!{type(exc).__name__}: {exc}".encode()[:4000])
         os.close(ready_fd)
         raise
-    os.write(ready_fd, f"{os.getpid()}\n".encode())
+    os.write(ready_fd, f"{os.getpid()}\n{json.dumps(report)}\n".encode())
     os.close(ready_fd)
+    shim.after_reply()
     shim.serve()

@@ -206,6 +206,11 @@ def decode(frame: bytes, served: Any) -> Request:
     return Request(kind=kind, request_id=request_id, **values)
 
 
+def decode_payload(kind: str, payload: Any, request_id: str = "spawn") -> Request:
+    """Check a payload handed over outside an envelope (shim.create with the spawn)."""
+    return Request(kind=kind, request_id=request_id, **_fields(kind, payload, REQUESTS[kind]))
+
+
 def request_id_of(exc: Exception) -> str:
     """The request id a decode failure belongs to ("" when the envelope had none)."""
     return str(getattr(exc, "request_id", "") or "")

@@ -3,23 +3,30 @@
 Starting a Python shim from scratch costs an interpreter start plus imports of zmq and
 msgpack. The zygote pays that once: the runtime actor starts it as its child (it dies
 with the runtime through PR_SET_PDEATHSIG), and asks it over a socketpair to spawn a
-shim. The zygote forks; the child calls setsid and forks again, so the grandchild (the
-shim) has its own session and is re-parented away from the daemon; the grandchild binds
-its endpoint and reports its pid through a pipe. The zygote must never create a ZeroMQ
-context or a thread: fork would copy them broken.
+shim. Its forker child (see _Forker) forks; that child calls setsid and forks again, so
+the grandchild (the shim) has its own session and is re-parented away from the daemon;
+the grandchild binds its endpoint and reports its pid through a pipe. The zygote must
+never create a ZeroMQ context or a thread: fork would copy them broken.
 
-Memory: a shim's cost is the pages it does not share with the zygote. So the zygote
+Memory: a shim's cost is the pages it does not share with the others. So the zygote
 loads only what a shim runs (never pydantic: the shim decodes its requests with
-shims/wire.py), and freezes the GC before forking (gc.freeze) so that a shim's
-collections never walk, and thereby dirty, the objects it shares.
+shims/wire.py), runs a shim's paths once (_warm_up: CPython 3.11 specialises bytecode
+in place), freezes the GC (gc.freeze) so that a shim's collections never walk, and
+thereby dirty, the objects it shares, and leaves the forking to a child that writes
+almost nothing between forks.
 
-Latency: one shim is always forked ahead (detached, blocked on a pipe until it is given
-its config), so a create waits only for its bind; the next is forked after answering.
+Latency: one shim is kept forked ahead (detached, blocked on a pipe until it is given
+its config), so a create waits only for its bind. A spawn may carry the task's
+shim.create payload: the shim then runs runc create at once, binds while runc works,
+and its ready report carries the create's outcome (one round trip less). The next idle
+shim is forked once the node has been quiet for IDLE_FORK_QUIET seconds, so that its
+fork does not compete for the CPU with the runc create/start it would delay.
 
 Protocol on the socketpair: one JSON object per line each way.
   zygote -> runtime at start: {"ready": true, "pid": N}
-  runtime -> zygote: {"config": ShimConfig.to_dict()}
-  zygote -> runtime: {"pid": N, "ready_ms": F}  or  {"error": "..."}
+  runtime -> zygote: {"config": ShimConfig.to_dict(), "create": {...} (optional)}
+  zygote -> runtime: {"pid": N, "ready_ms": F, "report": {...}}  or  {"error": "..."}
+    where report is run_shim's: {} or {"create": reply} or {"error": wire error}
 """
 
 from __future__ import annotations
@@ -36,8 +43,11 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass
+from typing import Any
 
+from moord.messages import envelope as codec
 from moord.messages.errors import Internal, InvalidArgument, MoordError, Unavailable
+from moord.shims import wire
 from moord.linux.process import PR_SET_PDEATHSIG, prctl
 from moord.shims.shim import SHIM_LOG_FILE, ShimConfig, configure_logging, run_shim
 from setproctitle import setproctitle
@@ -48,9 +58,15 @@ import moord.linux.mount  # noqa: E402,F401
 import moord.shims.cgroups  # noqa: E402,F401
 
 ZYGOTE_TITLE = "moord-shim: zygote"
+FORKER_TITLE = "moord-shim: zygote forker"
 IDLE_TITLE = "moord-shim: idle"
 SPAWN_TIMEOUT = 15.0
 START_TIMEOUT = 30.0
+# The next idle shim is forked after this long without a request (a spawn meanwhile forks
+# on demand): a busy node's runc runs keep the CPU.
+IDLE_FORK_QUIET = 0.1
+CREATE_TIMEOUT = 30.0  # a spawn's runc create (a big spec can take a while)
+HANDOFF_TIMEOUT = 5.0  # for a new idle shim's pipes (it needs only two forks)
 
 
 # -- inside the zygote ---------------------------------------------------------------
@@ -71,29 +87,39 @@ def serve_zygote(fd: int, parent_pid: int) -> None:
     # then never walk (and so never dirty) the pages it shares with us.
     gc.collect()
     gc.freeze()
+    forker = _Forker.start(close_in_child=(sock.fileno(),))
     sock.sendall(json.dumps({"ready": True, "pid": os.getpid()}).encode() + b"\n")
-    idle = _IdleShim.fork()
-    for line in reader:
+    idle = forker.idle() if forker is not None else None
+    while True:
+        # Requests come one at a time (the runtime waits for each answer), so the reader's
+        # buffer is empty here and select on the socket tells whether one is pending.
+        if idle is None and forker is not None and not select.select([sock], [], [], IDLE_FORK_QUIET)[0]:
+            idle = forker.idle()
+        line = reader.readline()
+        if not line:
+            break
         try:
             request = json.loads(line)
             config = ShimConfig.from_dict(request["config"])
-            pid, ready_ms = -1, 0.0
+            create = request.get("create")
+            pid, ready_ms, report = -1, 0.0, {}
+            timeout = SPAWN_TIMEOUT + (CREATE_TIMEOUT if create is not None else 0.0)
+            if idle is None and forker is not None:
+                idle = forker.idle()  # on demand: no quiet moment since the last spawn
             if idle is not None:
                 try:
-                    pid, ready_ms = idle.become(config)
+                    pid, ready_ms, report = idle.become(config, create, timeout)
                 except _IdleGone:
                     pid = -1  # it died idle (killed by someone): fork a fresh one below
                 idle = None
-            if pid < 0:
-                pid, ready_ms = spawn_detached(config)
-            answer = {"pid": pid, "ready_ms": ready_ms}
+            if pid < 0:  # no forker, or the idle shim died: fork from here
+                pid, ready_ms, report = spawn_detached(config, create, timeout)
+            answer = {"pid": pid, "ready_ms": ready_ms, "report": report}
         except MoordError as exc:
             answer = {"error": exc.message, "code": exc.code}
         except Exception as exc:
             answer = {"error": f"{type(exc).__name__}: {exc}", "code": "internal"}
         sock.sendall(json.dumps(answer).encode() + b"\n")
-        if idle is None:
-            idle = _IdleShim.fork()  # off the critical path: the answer is already sent
     os._exit(0)
 
 
@@ -101,71 +127,138 @@ class _IdleGone(Exception):
     """The pre-forked shim died before it was given a task."""
 
 
+class _Forker:
+    """A child of the zygote that does nothing but fork idle shims, one per byte it reads.
+
+    Memory: a page is shared by the shims only while no process writes it. The zygote
+    writes many pages for each spawn (parsing, answering, allocating), and each shim
+    forked between two such rounds would keep its own copy of them, privately. The forker
+    is forked once, after the warm-up, and its loop (read a byte, fork, reap) writes
+    almost nothing, so the shims it forks share nearly all their pages with it and each
+    other. Each idle shim hands its pipes' far ends to the zygote over a unix socket.
+    """
+
+    def __init__(self, pid: int, order_w: int, handoff: socket.socket) -> None:
+        self.pid = pid
+        self.order_w = order_w
+        self.handoff = handoff
+
+    @classmethod
+    def start(cls, close_in_child: tuple[int, ...]) -> "_Forker | None":
+        """Fork the forker (None if that fails: shims are then forked by the zygote itself)."""
+        try:
+            order_r, order_w = os.pipe2(os.O_CLOEXEC)
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        except OSError:
+            return None
+        gc.freeze()
+        try:
+            pid = os.fork()
+        except OSError:
+            for fd in (order_r, order_w):
+                os.close(fd)
+            ours.close()
+            theirs.close()
+            return None
+        if pid == 0:  # pragma: no cover - runs in the forker
+            try:
+                prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+                for fd in (order_w, ours.fileno(), *close_in_child):
+                    os.close(fd)
+                setproctitle(FORKER_TITLE)
+                _forker_loop(order_r, theirs.fileno())
+            finally:
+                os._exit(0)
+        os.close(order_r)
+        theirs.close()
+        return cls(pid, order_w, ours)
+
+    def idle(self, timeout: float = HANDOFF_TIMEOUT) -> "_IdleShim | None":
+        """A fresh idle shim (None if the forker failed: the request then forks on demand)."""
+        try:
+            os.write(self.order_w, b"f")
+            self.handoff.settimeout(timeout)
+            _, fds, _, _ = socket.recv_fds(self.handoff, 64, 2)
+        except OSError:
+            return None
+        if len(fds) != 2:
+            for fd in fds:
+                os.close(fd)
+            return None
+        return _IdleShim(fds[0], fds[1])
+
+
+def _forker_loop(order_r: int, handoff: int) -> None:
+    """The forker: per byte read, fork an idle shim; exit when the zygote goes away."""
+    while os.read(order_r, 1):
+        try:
+            child = os.fork()
+        except OSError:
+            continue  # the zygote's recv times out and it forks the shim itself
+        if child == 0:  # pragma: no cover - the idle shim's first fork
+            _become_idle(order_r, handoff)
+        os.waitpid(child, 0)
+
+
+def _become_idle(order_r: int, handoff: int) -> None:
+    """In the forker's child: detach, hand the pipes' far ends to the zygote, wait for a
+    config and become its shim (never returns)."""
+    ready_w = -1
+    try:
+        os.close(order_r)
+        os.setsid()
+        if os.fork() != 0:
+            os._exit(0)
+        config_r, config_w = os.pipe2(os.O_CLOEXEC)
+        ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+        channel = socket.socket(fileno=handoff)
+        socket.send_fds(channel, [b"idle"], [config_w, ready_r])
+        channel.detach()
+        _detach(None, (config_r, ready_w))  # closes the handoff socket and the far ends too
+        setproctitle(IDLE_TITLE)
+        data = _read_until_eof(config_r, None)
+        if not data:
+            os._exit(0)  # the zygote went away without using us
+        handed = json.loads(data)
+        config = ShimConfig.from_dict(handed["config"])
+        os.close(config_r)
+        if not os.path.isdir(config.bundle):
+            raise InvalidArgument(f"bundle {config.bundle} does not exist")
+        _log_to_bundle(config)
+        run_shim(config, ready_w, handed.get("create"))
+        os._exit(0)
+    except BaseException as exc:
+        if ready_w >= 0:
+            try:
+                os.write(ready_w, f"!{type(exc).__name__}: {exc}".encode()[:4000])
+            except OSError:
+                pass
+        os._exit(1)
+
+
 class _IdleShim:
     """A shim forked (and detached) ahead of time, blocked until it is given its config.
 
-    The fork, the second fork, setsid and the fd clean-up are paid between requests, so
-    a create waits only for the shim's bind. A shim that dies idle is replaced; one whose
-    zygote goes away reads EOF and exits.
+    The fork (by the _Forker), the second fork, setsid and the fd clean-up are paid
+    between requests, so a create waits only for the shim's bind. A shim that dies idle
+    is replaced; one whose zygote goes away reads EOF and exits.
     """
 
     def __init__(self, config_w: int, ready_r: int) -> None:
         self.config_w = config_w
         self.ready_r = ready_r
 
-    @classmethod
-    def fork(cls) -> "_IdleShim | None":
-        """Fork an idle shim (None if fork fails: spawns then fork on demand)."""
-        gc.freeze()
-        try:
-            config_r, config_w = os.pipe2(os.O_CLOEXEC)
-            ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
-        except OSError:
-            return None
-        try:
-            child = os.fork()
-        except OSError:
-            for fd in (config_r, config_w, ready_r, ready_w):
-                os.close(fd)
-            return None
-        if child == 0:  # pragma: no cover - runs in the forked children
-            try:
-                os.close(config_w)
-                os.close(ready_r)
-                os.setsid()
-                if os.fork() != 0:
-                    os._exit(0)
-                _detach(None, (config_r, ready_w))
-                setproctitle(IDLE_TITLE)
-                data = _read_until_eof(config_r, None)
-                if not data:
-                    os._exit(0)  # the zygote went away without using us
-                config = ShimConfig.from_dict(json.loads(data))
-                os.close(config_r)
-                if not os.path.isdir(config.bundle):
-                    raise InvalidArgument(f"bundle {config.bundle} does not exist")
-                _log_to_bundle(config)
-                run_shim(config, ready_w)
-                os._exit(0)
-            except BaseException as exc:
-                try:
-                    os.write(ready_w, f"!{type(exc).__name__}: {exc}".encode()[:4000])
-                except OSError:
-                    pass
-                os._exit(1)
-        os.close(config_r)
-        os.close(ready_w)
-        os.waitpid(child, 0)
-        return cls(config_w, ready_r)
-
-    def become(self, config: ShimConfig, timeout: float = SPAWN_TIMEOUT) -> tuple[int, float]:
-        """Hand the config over; return the shim's pid and config-to-ready ms."""
+    def become(
+        self, config: ShimConfig, create: dict[str, Any] | None = None, timeout: float = SPAWN_TIMEOUT
+    ) -> tuple[int, float, dict[str, Any]]:
+        """Hand the config (and a shim.create payload) over; return the shim's pid,
+        config-to-ready ms and its ready report."""
         if not os.path.isdir(config.bundle):
             self.close()
             raise InvalidArgument(f"bundle {config.bundle} does not exist")
         started = time.monotonic()
         try:
-            os.write(self.config_w, json.dumps(config.to_dict()).encode())
+            os.write(self.config_w, json.dumps({"config": config.to_dict(), "create": create}).encode())
         except OSError:  # EPIPE: the idle shim is gone
             self.close()
             raise _IdleGone() from None
@@ -175,12 +268,10 @@ class _IdleShim:
             data = _read_until_eof(self.ready_r, timeout)
         finally:
             self.close()
-        text = data.decode(errors="replace").strip()
-        if not text:
+        if not data.strip():
             raise _IdleGone()
-        if text.startswith("!"):
-            raise Internal(f"shim for {config.namespace}/{config.container_id} failed: {text[1:]}")
-        return int(text), (time.monotonic() - started) * 1000.0
+        pid, report = _ready_report(config, data)
+        return pid, (time.monotonic() - started) * 1000.0, report
 
     def close(self) -> None:
         """Close our ends (an idle shim then reads EOF and exits)."""
@@ -195,9 +286,6 @@ def _warm_up() -> None:
     """Run the paths every shim runs (request decoding, replies, a child process), so
     that CPython's adaptive interpreter specialises their bytecode here, once, rather
     than writing into the shared code objects of every shim."""
-    from moord.messages import envelope as codec
-    from moord.shims import wire
-
     frames = [
         codec.request_frame("w", kind, payload)
         for kind, payload in (
@@ -217,8 +305,26 @@ def _warm_up() -> None:
         subprocess.run(["true"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=10)
 
 
-def spawn_detached(config: ShimConfig, timeout: float = SPAWN_TIMEOUT) -> tuple[int, float]:
-    """Fork a detached shim (setsid + double fork); return its pid and fork-to-ready ms.
+def _ready_report(config: ShimConfig, data: bytes) -> tuple[int, dict[str, Any]]:
+    """A shim's ready report ("<pid>\n<json>", see run_shim): its pid and report."""
+    text = data.decode(errors="replace").strip()
+    if not text:
+        raise Internal(f"shim for {config.namespace}/{config.container_id} died before it was ready")
+    if text.startswith("!"):
+        raise Internal(f"shim for {config.namespace}/{config.container_id} failed: {text[1:]}")
+    pid_text, _, report_text = text.partition("\n")
+    try:
+        report = json.loads(report_text) if report_text else {}
+        return int(pid_text), report if isinstance(report, dict) else {}
+    except ValueError:
+        raise Internal(f"shim for {config.namespace}/{config.container_id} sent a bad ready report") from None
+
+
+def spawn_detached(
+    config: ShimConfig, create: dict[str, Any] | None = None, timeout: float = SPAWN_TIMEOUT
+) -> tuple[int, float, dict[str, Any]]:
+    """Fork a detached shim (setsid + double fork); return its pid, fork-to-ready ms and
+    ready report (with `create`, the shim.create outcome: see run_shim).
 
     Call only from a single-threaded process without a ZeroMQ context (the zygote, or
     the `moord-shim spawn` command).
@@ -236,7 +342,7 @@ def spawn_detached(config: ShimConfig, timeout: float = SPAWN_TIMEOUT) -> tuple[
             if os.fork() != 0:
                 os._exit(0)
             _detach(config, (ready_w,))
-            run_shim(config, ready_w)
+            run_shim(config, ready_w, create)
             os._exit(0)
         except BaseException:
             traceback.print_exc()
@@ -247,12 +353,8 @@ def spawn_detached(config: ShimConfig, timeout: float = SPAWN_TIMEOUT) -> tuple[
         data = _read_until_eof(ready_r, timeout)
     finally:
         os.close(ready_r)
-    text = data.decode(errors="replace").strip()
-    if not text:
-        raise Internal(f"shim for {config.namespace}/{config.container_id} died before it was ready")
-    if text.startswith("!"):
-        raise Internal(f"shim for {config.namespace}/{config.container_id} failed: {text[1:]}")
-    return int(text), (time.monotonic() - started) * 1000.0
+    pid, report = _ready_report(config, data)
+    return pid, (time.monotonic() - started) * 1000.0, report
 
 
 def _detach(config: ShimConfig | None, keep_fds: tuple[int, ...]) -> None:
@@ -307,10 +409,12 @@ def _read_until_eof(fd: int, timeout: float | None) -> bytes:
 
 @dataclass
 class SpawnResult:
-    """A started shim."""
+    """A started shim; `created` / `create_error` is the outcome of a spawn's shim.create."""
 
     pid: int
     ready_ms: float
+    created: dict[str, Any] | None = None
+    create_error: dict[str, Any] | None = None
 
 
 class Zygote:
@@ -362,16 +466,17 @@ class Zygote:
             self._stop_locked()
             raise Unavailable("the shim zygote did not start")
 
-    def spawn(self, config: ShimConfig, timeout: float = SPAWN_TIMEOUT) -> SpawnResult:
-        """Have the zygote start a detached shim for `config`; restarts a dead zygote once."""
+    def spawn(self, config: ShimConfig, create: dict[str, Any] | None = None, timeout: float = SPAWN_TIMEOUT) -> SpawnResult:
+        """Have the zygote start a detached shim for `config` (that creates its task from
+        `create`, a shim.create payload, when given); restarts a dead zygote once."""
         with self._lock:
             if self._proc is None or self._proc.poll() is not None:
                 self._stop_locked()
                 self._start_locked(START_TIMEOUT)
             assert self._sock is not None and self._reader is not None
-            self._sock.settimeout(timeout + 5)
+            self._sock.settimeout(timeout + 5 + (CREATE_TIMEOUT if create is not None else 0.0))
             try:
-                self._sock.sendall(json.dumps({"config": config.to_dict()}).encode() + b"\n")
+                self._sock.sendall(json.dumps({"config": config.to_dict(), "create": create}).encode() + b"\n")
                 line = self._reader.readline()
             except OSError as exc:
                 self._stop_locked()
@@ -382,7 +487,13 @@ class Zygote:
             answer = json.loads(line)
         if "error" in answer:
             raise (InvalidArgument if answer.get("code") == "invalid_argument" else Internal)(answer["error"])
-        return SpawnResult(pid=int(answer["pid"]), ready_ms=float(answer["ready_ms"]))
+        report = answer.get("report") or {}
+        return SpawnResult(
+            pid=int(answer["pid"]),
+            ready_ms=float(answer["ready_ms"]),
+            created=report.get("create"),
+            create_error=report.get("error"),
+        )
 
     def stop(self) -> None:
         """Hang up; the zygote exits on EOF (or is killed after a grace period)."""
