@@ -925,7 +925,10 @@ class PullActor(PooledServiceActor):
 
     def _warm_registry(self) -> None:
         try:
+            from moord.actors.registry.hosts import default_tls_context
+
             self.registry()
+            default_tls_context()
         except Exception as exc:  # a bad registry config is reported by the first pull
             log.debug("registry client warm-up: %s", exc)
 
