@@ -227,6 +227,12 @@ def _platform(text: str) -> dict[str, str]:
 # -- import ---------------------------------------------------------------------------
 
 
+def commit_timeout(size: int) -> float:
+    """How long a commit may take: its fsync, at a slow disk's 20 MB/s, plus slack. Not more:
+    a commit lost with a killed content process must fail soon enough to be retried."""
+    return 10.0 + size / 20e6
+
+
 def write_blob(session: Session, digest: str, size: int, open_stream: Callable[[], BinaryIO], labels: dict[str, str]) -> bool:
     """Put a blob into the content store (labels set at commit); False when it was there already."""
     ref = f"import-{digest}"
@@ -255,7 +261,7 @@ def write_blob(session: Session, digest: str, size: int, open_stream: Callable[[
                     break
                 session.call("content.write", {**base, "action": "write", "offset": offset}, frames=[chunk], timeout=60)
                 offset += len(chunk)
-        session.call("content.write", {**base, "action": "commit", "offset": offset, "labels": labels}, timeout=120)
+        session.call("content.write", {**base, "action": "commit", "offset": offset, "labels": labels}, timeout=commit_timeout(size))
     except AlreadyExists:
         session.update_labels(digest, size, labels)
         return False

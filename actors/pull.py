@@ -52,6 +52,7 @@ from moord.actors.images import (
     _remove_quietly,
     apply_onto_mounts,
     child_labels,
+    commit_timeout,
     open_layer,
     read_small_blob,
     save_image,
@@ -492,7 +493,7 @@ class Pull:
                 if offset != size:
                     raise FailedPrecondition(f"blob {digest}: the registry sent {offset} bytes, the descriptor says {size}")
                 try:
-                    self.session.call("content.write", {**base, "action": "commit", "offset": offset, "labels": self.source}, timeout=120)
+                    self.session.call("content.write", {**base, "action": "commit", "offset": offset, "labels": self.source}, timeout=commit_timeout(size))
                 except AlreadyExists:
                     self.session.update_labels(digest, size, self.merged_source(digest))
                 self._count(size)
